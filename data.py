@@ -1,0 +1,174 @@
+"""
+Trajectory data: a D4RL-style HDF5 file -> normalized states, returns-to-go and batches of windows.
+
+D4RL stores every episode back to back in flat arrays (`observations`, `actions`, `rewards`,
+`terminals`, `timeouts`); an episode ends where `terminals` (the MDP ended) or `timeouts` (the time
+limit cut it) is true. Everything is read once into contiguous tensors; a batch is then a handful
+of vectorised index operations, with no Python loop per sample.
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+# Which gymnasium environment a dataset belongs to, from its file name (D4RL names start with the
+# body: halfcheetah-expert-v2.hdf5). D4RL's v2 data came from the old mujoco-py v2 envs, which
+# gymnasium no longer ships; v5 has the same bodies, observations and rewards.
+ENV_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
+
+# The DT paper divides rewards and returns-to-go by 1000 for the MuJoCo bodies so the return
+# input is O(1)-O(10) rather than O(10^4).
+REWARD_SCALE = 1000.0
+
+
+class DataError(Exception):
+    """A data file that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Trajectories:
+    states: torch.Tensor         # (N, S) float32, normalized with state_mean/state_std
+    actions: torch.Tensor        # (N, A) float32
+    returns_to_go: torch.Tensor  # (N,) float32, divided by reward_scale
+    timesteps: torch.Tensor      # (N,) int64, step index inside its episode
+    episode_start: torch.Tensor  # (N,) int64, flat index of the first step of the step's episode
+    episode_returns: np.ndarray  # (E,) float64, undiscounted, unscaled
+    state_mean: torch.Tensor     # (S,)
+    state_std: torch.Tensor      # (S,)
+    reward_scale: float
+
+    @property
+    def num_steps(self):
+        return self.states.shape[0]
+
+    @property
+    def state_dim(self):
+        return self.states.shape[1]
+
+    @property
+    def act_dim(self):
+        return self.actions.shape[1]
+
+    def to(self, device):
+        for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def env_id_for(path):
+    """Guess the gymnasium env id from a dataset file name (None when it names no known body)."""
+    name = Path(path).name.lower()
+    for body, env_id in ENV_IDS.items():
+        if name.startswith(body):
+            return env_id
+    return None
+
+
+def read_hdf5(path):
+    """Read and check the five D4RL arrays; any other key is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in REQUIRED_KEYS if k not in f]
+            if missing:
+                raise DataError(f"{path}: not a D4RL trajectory file, missing key(s) {', '.join(missing)}")
+            arrays = {k: f[k][()] for k in REQUIRED_KEYS}
+            env_attr = f.attrs.get("env")
+    except OSError as e:  # h5py raises OSError for anything that is not (intact) HDF5
+        raise DataError(f"{path}: cannot be read as HDF5 ({e})") from None
+    n = len(arrays["observations"])
+    if n == 0:
+        raise DataError(f"{path}: the file holds no steps")
+    for key, ndim in (("observations", 2), ("actions", 2), ("rewards", 1), ("terminals", 1), ("timeouts", 1)):
+        a = arrays[key]
+        if a.ndim != ndim:
+            raise DataError(f"{path}: key '{key}' has shape {a.shape}, expected {ndim} dimension(s)")
+        if len(a) != n:
+            raise DataError(f"{path}: key '{key}' has {len(a)} rows but 'observations' has {n}")
+    for key in ("observations", "actions", "rewards"):
+        if not np.isfinite(arrays[key]).all():
+            raise DataError(f"{path}: key '{key}' contains NaN or Inf")
+    if isinstance(env_attr, bytes):
+        env_attr = env_attr.decode()
+    return arrays, env_attr
+
+
+def episode_ends(terminals, timeouts):
+    """Boolean (N,) array, True on the last step of each episode. A trailing episode that was cut
+    off without either flag (a partial last episode) still ends at the last row."""
+    ends = np.asarray(terminals, bool) | np.asarray(timeouts, bool)
+    ends[-1] = True
+    return ends
+
+
+def returns_to_go(rewards, ends, gamma=1.0):
+    """R_t = r_t + gamma * R_{t+1} inside each episode, restarting at every episode end.
+
+    gamma=1 (the DT paper) makes R_t the reward still to be collected, which is what a user asks
+    for at test time; gamma<1 is the discounted variant the seed experimented with."""
+    rewards, ends = np.asarray(rewards, np.float64).tolist(), np.asarray(ends).tolist()
+    out = [0.0] * len(rewards)
+    running = 0.0
+    for i in range(len(rewards) - 1, -1, -1):  # one pass at load time, not in the training loop
+        if ends[i]:
+            running = 0.0
+        running = rewards[i] + gamma * running
+        out[i] = running
+    return np.array(out)
+
+
+def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE):
+    arrays, env_attr = read_hdf5(path)
+    obs = arrays["observations"].astype(np.float32)
+    ends = episode_ends(arrays["terminals"], arrays["timeouts"])
+    end_idx = np.flatnonzero(ends)
+    start_idx = np.concatenate(([0], end_idx[:-1] + 1))
+    lengths = end_idx - start_idx + 1
+    episode_start = np.repeat(start_idx, lengths)
+
+    mean = obs.mean(0)
+    std = obs.std(0) + 1e-6  # floor: a constant observation dimension would divide by zero
+    rtg = returns_to_go(arrays["rewards"], ends, gamma)
+    episode_returns = np.add.reduceat(arrays["rewards"].astype(np.float64), start_idx)
+    data = Trajectories(
+        states=torch.from_numpy((obs - mean) / std),
+        actions=torch.from_numpy(arrays["actions"].astype(np.float32)),
+        returns_to_go=torch.from_numpy((rtg / reward_scale).astype(np.float32)),
+        timesteps=torch.from_numpy(np.arange(len(obs)) - episode_start),
+        episode_start=torch.from_numpy(episode_start),
+        episode_returns=episode_returns,
+        state_mean=torch.from_numpy(mean),
+        state_std=torch.from_numpy(std),
+        reward_scale=reward_scale,
+    )
+    return data, env_attr or env_id_for(path)
+
+
+def sample_batch(data, batch_size, context_len, generator=None):
+    """A batch of K-step windows, each ending at a uniformly drawn step of the whole dataset.
+
+    Drawing the *last* step uniformly over all N steps is the same as picking a trajectory with
+    probability proportional to its length and then a step inside it (the seed's "augmented"
+    sample distribution), without any per-trajectory bookkeeping. Windows that would reach back
+    before their episode's first step are left-padded (zeros, mask False), just like the short
+    histories at the start of an evaluation episode.
+    """
+    device = data.states.device
+    last = torch.randint(0, data.num_steps, (batch_size,), device=device, generator=generator)
+    idx = last[:, None] + torch.arange(1 - context_len, 1, device=device)  # (B, K)
+    mask = idx >= data.episode_start[last][:, None]
+    idx = torch.where(mask, idx, last[:, None])  # any valid row will do; it is zeroed below
+    m = mask[..., None]
+    return (
+        data.states[idx] * m,
+        data.actions[idx] * m,
+        (data.returns_to_go[idx] * mask)[..., None],
+        data.timesteps[idx] * mask,
+        mask,
+    )

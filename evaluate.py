@@ -1,0 +1,171 @@
+"""
+Roll a trained Decision Transformer out in its MuJoCo environment, asking it for a target return.
+
+    python evaluate.py ckpt.pt --target 6000
+    python evaluate.py ckpt.pt --target 6000 12000 --episodes 10 --json
+
+All episodes run side by side in a gymnasium vector env, and each environment step is one batched
+model forward for all of them.
+"""
+import argparse
+import json
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from model import DecisionTransformer, DTConfig
+
+FORMAT_VERSION = 1
+
+# D4RL's reference returns (d4rl/infos.py): a random policy and the expert used to normalize
+# scores, 100 * (R - random) / (expert - random).
+D4RL_REF_RETURNS = {
+    "HalfCheetah": (-280.178953, 12135.0),
+    "Hopper": (-20.272305, 3234.3),
+    "Walker2d": (1.629008, 4592.3),
+}
+# Return asked for when no --target is given: a little above the best episodes in expert data.
+DEFAULT_TARGETS = {"HalfCheetah": 12000.0, "Hopper": 3600.0, "Walker2d": 5000.0}
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message names the file and the problem."""
+
+
+def body(env_id):
+    return env_id.split("-")[0]
+
+
+def normalized_score(env_id, ret):
+    low, high = D4RL_REF_RETURNS[body(env_id)]
+    return 100.0 * (ret - low) / (high - low)
+
+
+def quiet_mujoco():
+    """MuJoCo 4 warns on every load of HalfCheetah's XML that `settotalmass` is deprecated; it is
+    gymnasium's model file, not something a user can act on. Other MuJoCo warnings still print."""
+    import mujoco
+
+    def warn(msg):
+        if "settotalmass" not in msg:
+            print(f"MuJoCo warning: {msg}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(warn)
+
+
+def make_envs(env_id, num_envs):
+    import gymnasium as gym
+
+    quiet_mujoco()
+    try:
+        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+    except gym.error.Error as e:
+        raise CheckpointError(f"cannot make environment {env_id!r}: {e}") from None
+
+
+def check_env_matches(envs, env_id, cfg):
+    obs_dim = envs.single_observation_space.shape[0]
+    act_dim = envs.single_action_space.shape[0]
+    if (obs_dim, act_dim) != (cfg.state_dim, cfg.act_dim):
+        raise CheckpointError(
+            f"{env_id} has observations of size {obs_dim} and actions of size {act_dim}, but the "
+            f"model was trained for {cfg.state_dim} and {cfg.act_dim}")
+
+
+@torch.no_grad()
+def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale, seed=0,
+            device="cpu", progress=True):
+    """Run `episodes` episodes in parallel; returns their undiscounted returns (np.ndarray)."""
+    envs = make_envs(env_id, episodes)
+    check_env_matches(envs, env_id, model.cfg)
+    max_steps = envs.envs[0].spec.max_episode_steps or 1000
+    S, A = model.cfg.state_dim, model.cfg.act_dim
+    states = torch.zeros(episodes, max_steps, S, device=device)
+    actions = torch.zeros(episodes, max_steps, A, device=device)
+    rtg = torch.zeros(episodes, max_steps, 1, device=device)
+    timesteps = torch.arange(max_steps, device=device).expand(episodes, max_steps)
+    mean, std = state_mean.to(device), state_std.to(device)
+    returns = np.zeros(episodes)
+    done = np.zeros(episodes, bool)
+
+    model.eval()
+    obs, _ = envs.reset(seed=seed)
+    for t in tqdm(range(max_steps), desc=f"target {target:g}", leave=False, disable=not progress):
+        states[:, t] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
+        # The return still to be earned: the target minus what each episode has collected.
+        rtg[:, t, 0] = torch.as_tensor((target - returns) / reward_scale, dtype=torch.float32)
+        lo = max(0, t + 1 - model.cfg.context_len)
+        action = model.get_action(states[:, lo:t + 1], actions[:, lo:t + 1], rtg[:, lo:t + 1],
+                                  timesteps[:, lo:t + 1])
+        actions[:, t] = action
+        obs, reward, terminated, truncated, _ = envs.step(action.float().cpu().numpy())
+        returns += np.where(done, 0.0, reward)  # a finished episode stops counting
+        done |= terminated | truncated
+        if done.all():
+            break
+    envs.close()
+    return returns
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint written by train.py -> (model, checkpoint dict)."""
+    try:
+        # weights_only: a checkpoint holds tensors and plain values only, so loading one from a
+        # stranger cannot run code.
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: not a checkpoint of this code (format version {FORMAT_VERSION})")
+    model = DecisionTransformer(DTConfig(**ckpt["model_config"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--target", type=float, nargs="+", help="return(s) to ask for (default: per env)")
+    p.add_argument("--episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, ckpt = load_checkpoint(args.checkpoint, device)
+    env_id = args.env or ckpt["env_id"]
+    if body(env_id) not in D4RL_REF_RETURNS:
+        raise CheckpointError(f"no D4RL reference returns for {env_id!r} (known: {', '.join(D4RL_REF_RETURNS)})")
+    targets = args.target or [DEFAULT_TARGETS[body(env_id)]]
+    for target in targets:
+        returns = rollout(model, env_id, target, args.episodes, ckpt["state_mean"], ckpt["state_std"],
+                          ckpt["reward_scale"], args.seed, device, progress=not args.json)
+        result = {
+            "env": env_id, "target": target, "episodes": args.episodes,
+            "returns": [round(float(r), 2) for r in returns],
+            "mean_return": float(returns.mean()), "std_return": float(returns.std()),
+            "normalized_score": normalized_score(env_id, float(returns.mean())),
+        }
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            print(f"{env_id}  target {target:g}  ({args.episodes} episodes)")
+            print("  returns:", " ".join(f"{r:.1f}" for r in returns))
+            print(f"  mean {result['mean_return']:.1f} ± {result['std_return']:.1f}   "
+                  f"D4RL normalized score {result['normalized_score']:.1f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,168 @@
+"""
+A Decision Transformer (Chen et al. 2021, arXiv:2106.01345), written out by hand.
+
+A trajectory is read as a sequence of (return-to-go, state, action) triples. A causal transformer
+over the interleaved tokens R_1, s_1, a_1, R_2, s_2, a_2, ... predicts each action a_t from the
+hidden state at the s_t token, which has seen R_1..R_t, s_1..s_t and a_1..a_{t-1} but not a_t.
+Asking for a high return-to-go at test time is what makes the policy act like the best
+trajectories in the data.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DTConfig:
+    state_dim: int = 17
+    act_dim: int = 6
+    context_len: int = 20  # K: timesteps per window, so 3K tokens
+    n_layer: int = 3
+    n_head: int = 1
+    n_embd: int = 128
+    dropout: float = 0.1
+    max_ep_len: int = 1000  # size of the timestep embedding table
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        assert cfg.n_embd % cfg.n_head == 0
+        self.n_head = cfg.n_head
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)  # q, k and v in one matmul
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, attn_mask=None):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        # Without padding the plain causal kernel is fastest; with padding the caller passes a
+        # full boolean mask that is causal *and* hides the padded keys.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd),
+            nn.GELU(),
+            nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+            nn.Dropout(cfg.dropout),
+        )
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.attn(self.ln_1(x), attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+def padded_causal_mask(mask):
+    """(B, K) timestep mask -> (B, 1, 3K, 3K) boolean attention mask, True where attention is allowed.
+
+    A query may look at earlier-or-equal positions whose key is real. Every token may also look
+    at itself, so a padded query still has one key and softmax never sees an all-masked row
+    (which would give NaN); padded outputs are never used.
+    """
+    B, K = mask.shape
+    T = 3 * K
+    key_ok = mask.repeat_interleave(3, dim=1)  # one flag per token, same for R, s and a of a step
+    causal = torch.ones(T, T, dtype=torch.bool, device=mask.device).tril()
+    eye = torch.eye(T, dtype=torch.bool, device=mask.device)
+    return ((causal & key_ok[:, None, :]) | eye)[:, None]
+
+
+class DecisionTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        # Each modality gets its own embedding; the timestep embedding is added to all three
+        # tokens of a step and plays the role of the position embedding. It is an *absolute*
+        # episode time, so a window's predictions do not depend on where it sits in the context,
+        # which is what makes left padding harmless.
+        self.embed_timestep = nn.Embedding(cfg.max_ep_len, cfg.n_embd)
+        self.embed_return = nn.Linear(1, cfg.n_embd)
+        self.embed_state = nn.Linear(cfg.state_dim, cfg.n_embd)
+        self.embed_action = nn.Linear(cfg.act_dim, cfg.n_embd)
+        self.embed_ln = nn.LayerNorm(cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.predict_action = nn.Linear(cfg.n_embd, cfg.act_dim)
+        self.apply(self._init_weights)
+        import os
+        if os.environ.get("DT_ZERO_TIME"):
+            nn.init.zeros_(self.embed_timestep.weight)
+        # GPT-2's scaled init of the projections that write into the residual stream keeps its
+        # variance from growing with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, states, actions, returns_to_go, timesteps, mask=None):
+        """states (B,K,S), actions (B,K,A), returns_to_go (B,K,1), timesteps (B,K) long,
+        mask (B,K) bool, True for real steps (None: all real). Returns actions (B,K,A) in [-1, 1]."""
+        B, K, _ = states.shape
+        time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))
+        tokens = torch.stack(
+            (self.embed_return(returns_to_go) + time,
+             self.embed_state(states) + time,
+             self.embed_action(actions) + time),
+            dim=2,
+        ).reshape(B, 3 * K, self.cfg.n_embd)  # interleave: R_1, s_1, a_1, R_2, ...
+        x = self.drop(self.embed_ln(tokens))
+        attn_mask = None if mask is None else padded_causal_mask(mask)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        x = self.ln_f(x).reshape(B, K, 3, self.cfg.n_embd)
+        # Hidden state at the s_t token (index 1 of each triple) -> a_t. tanh keeps the action
+        # inside the [-1, 1] box that MuJoCo's actuators accept.
+        return torch.tanh(self.predict_action(x[:, :, 1]))
+
+    @torch.no_grad()
+    def get_action(self, states, actions, returns_to_go, timesteps):
+        """Next action for a batch of episodes given their histories so far, each (B, T, ...),
+        T >= 1, with a placeholder (zeros) for the not-yet-taken last action. Keeps the last K
+        steps and left-pads shorter histories, exactly as the training windows were built."""
+        K = self.cfg.context_len
+        states, actions = states[:, -K:], actions[:, -K:]
+        returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
+        T = states.shape[1]
+        mask = None
+        if T < K:
+            pad = K - T
+            states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
+            timesteps = F.pad(timesteps, (pad, 0))
+            mask = torch.arange(K, device=states.device).expand(states.shape[0], K) >= pad
+        return self(states, actions, returns_to_go, timesteps, mask)[:, -1]
+
+
+def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), device_type="cpu"):
+    """AdamW with weight decay on matrices (linear weights, embeddings) only: decaying biases and
+    LayerNorm gains pulls them toward zero for no regularisation benefit."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type == "cuda")
