@@ -135,7 +135,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.episodes < 1:
+        p.error("--episodes must be at least 1")
+    return args
 
 
 def main(argv=None):
@@ -147,8 +150,12 @@ def main(argv=None):
         raise CheckpointError(f"no D4RL reference returns for {env_id!r} (known: {', '.join(D4RL_REF_RETURNS)})")
     targets = args.target or [DEFAULT_TARGETS[body(env_id)]]
     for target in targets:
-        returns = rollout(model, env_id, target, args.episodes, ckpt["state_mean"], ckpt["state_std"],
-                          ckpt["reward_scale"], args.seed, device, progress=not args.json)
+        try:
+            returns = rollout(model, env_id, target, args.episodes, ckpt["state_mean"],
+                              ckpt["state_std"], ckpt["reward_scale"], args.seed, device,
+                              progress=not args.json)
+        except CheckpointError as e:  # the env does not fit this checkpoint: name both
+            raise CheckpointError(f"{args.checkpoint}: {e}") from None
         result = {
             "env": env_id, "target": target, "episodes": args.episodes,
             "returns": [round(float(r), 2) for r in returns],

@@ -103,9 +103,6 @@ class DecisionTransformer(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.predict_action = nn.Linear(cfg.n_embd, cfg.act_dim)
         self.apply(self._init_weights)
-        import os
-        if os.environ.get("DT_ZERO_TIME"):
-            nn.init.zeros_(self.embed_timestep.weight)
         # GPT-2's scaled init of the projections that write into the residual stream keeps its
         # variance from growing with depth.
         for name, p in self.named_parameters():

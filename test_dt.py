@@ -275,11 +275,15 @@ def test_cli_errors_are_one_line(tmp_path, trained):
     junk = tmp_path / "junk.hdf5"
     junk.write_bytes(b"\x00garbage" * 100)
     assert_one_line_error(run_cli("train.py", "--data", str(junk)), str(junk), "HDF5")
+    foreign = tmp_path / "foreign.hdf5"
+    with h5py.File(foreign, "w") as f:
+        f["pixels"] = np.zeros((4, 3))
+    assert_one_line_error(run_cli("train.py", "--data", str(foreign)), str(foreign), "observations")
     assert_one_line_error(run_cli("evaluate.py", str(junk)), str(junk), "not a readable checkpoint")
     assert_one_line_error(run_cli("evaluate.py", str(tmp_path / "none.pt")), "no such file")
     # A HalfCheetah checkpoint (17 observations) in Hopper (11): refused before any rollout.
     assert_one_line_error(run_cli("evaluate.py", str(trained), "--env", "Hopper-v5", "--episodes", "1"),
-                          "Hopper-v5", "size 11", "17")
+                          str(trained), "Hopper-v5", "size 11", "17")
 
 
 # --- download --------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=float, default=120)
     p.add_argument("--max-steps", type=int, help="train this many steps instead of --epochs")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--grad-clip", type=float, default=0.25)
     p.add_argument("--context-len", type=int, default=DTConfig.context_len)
@@ -101,6 +101,7 @@ def load_data(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    print(f"config: {vars(args)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
     data, env_id = load_data(args)
@@ -119,7 +120,6 @@ def main(argv=None):
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and not args.no_amp)
     gen = torch.Generator(device=device).manual_seed(args.seed)
 
-    print(f"config: {vars(args)}")
     print(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
           f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
@@ -130,7 +130,7 @@ def main(argv=None):
     log = csv.writer(log_file)
     log.writerow(["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"])
     loss_sum, loss_count, loss_avg = torch.zeros((), device=device), 0, float("nan")
-    t0 = time.time()
+    t0, eval_time = time.time(), 0.0  # elapsed_s in the log is training time, evaluation excluded
     bar = tqdm(range(total_steps), desc="train", unit="step", dynamic_ncols=True)
     for step in bar:
         lr = get_lr(step, total_steps, args.lr)
@@ -153,8 +153,9 @@ def main(argv=None):
             loss_avg = loss_sum.item() / loss_count
             loss_sum.zero_()
             loss_count = 0
-            row = [step + 1, f"{loss_avg:.5f}", f"{lr:.3g}", f"{time.time() - t0:.1f}", "", ""]
+            row = [step + 1, f"{loss_avg:.5f}", f"{lr:.3g}", f"{time.time() - t0 - eval_time:.1f}", "", ""]
             if evaluating:
+                t_eval = time.time()
                 returns = rollout(model, env_id, target, args.eval_episodes, data.state_mean,
                                   data.state_std, data.reward_scale, seed=0, device=device,
                                   progress=False)
@@ -163,12 +164,13 @@ def main(argv=None):
                 bar.write(f"step {step + 1}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
                           f"(normalized {row[5]}) at target {target:g}")
                 save_checkpoint(args.out, model, optimizer, cfg, data, env_id, args, step + 1)
+                eval_time += time.time() - t_eval
             log.writerow(row)
             log_file.flush()
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}")
     log_file.close()
     save_checkpoint(args.out, model, optimizer, cfg, data, env_id, args, total_steps)
-    elapsed = time.time() - t0
+    elapsed = time.time() - t0 - eval_time
     print(f"done: {total_steps} steps in {elapsed:.0f}s ({total_steps / elapsed:.1f} steps/s), "
           f"final loss {loss_avg:.4f}, checkpoint {args.out}, log {log_path}")
 
