@@ -68,35 +68,71 @@ def env_id_for(path):
     return None
 
 
+def one_line(error):
+    text = str(error).strip().strip("'\"").splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def read_key(f, key, path):
+    """One of the D4RL arrays (None if absent), checked to hold numbers."""
+    try:
+        if key not in f:
+            return None
+        node = f[key]
+        if not isinstance(node, h5py.Dataset):
+            raise DataError(f"{path}: key '{key}' is a group, not an array")
+        if node.dtype.kind not in "biuf":
+            raise DataError(f"{path}: key '{key}' holds {node.dtype}, not numbers")
+        return np.asarray(node[()])
+    except DataError:
+        raise
+    except Exception as e:
+        # The file is untrusted input: h5py reports damage as OSError, KeyError, RuntimeError or
+        # ValueError depending on which internal structure is broken.
+        raise DataError(f"{path}: key '{key}' cannot be read, the file is damaged ({one_line(e)})") from None
+
+
+def check_arrays(arrays, path):
+    """The shapes and values D4RL promises: (N, S) observations, (N, A) actions and (N,) rewards
+    and flags, all finite. Anything else would fail later, far from its cause."""
+    for key, ndim in (("observations", 2), ("actions", 2), ("rewards", 1), ("terminals", 1), ("timeouts", 1)):
+        a = arrays[key]
+        if a.ndim != ndim or (ndim == 2 and a.shape[1] == 0):
+            raise DataError(f"{path}: key '{key}' has shape {a.shape}, expected "
+                            f"{'(steps, size)' if ndim == 2 else '(steps,)'}")
+    n = len(arrays["observations"])
+    if n == 0:
+        raise DataError(f"{path}: key 'observations' holds no steps")
+    for key, a in arrays.items():
+        if len(a) != n:
+            raise DataError(f"{path}: key '{key}' has {len(a)} rows but 'observations' has {n}")
+        bad = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(1))
+        if len(bad):
+            raise DataError(f"{path}: key '{key}' has NaN or Inf values (first in row {bad[0]})")
+
+
 def read_hdf5(path):
     """Read and check the five D4RL arrays; any other key is ignored."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        with h5py.File(path, "r") as f:
-            missing = [k for k in REQUIRED_KEYS if k not in f]
-            if missing:
-                raise DataError(f"{path}: not a D4RL trajectory file, missing key(s) {', '.join(missing)}")
-            arrays = {k: f[k][()] for k in REQUIRED_KEYS}
+        f = h5py.File(path, "r")
+    except Exception as e:  # OSError for anything that is not (intact) HDF5
+        raise DataError(f"{path}: cannot be read as HDF5 ({one_line(e)})") from None
+    with f:
+        arrays = {k: read_key(f, k, path) for k in REQUIRED_KEYS}
+        try:
             env_attr = f.attrs.get("env")
-    except OSError as e:  # h5py raises OSError for anything that is not (intact) HDF5
-        raise DataError(f"{path}: cannot be read as HDF5 ({e})") from None
-    n = len(arrays["observations"])
-    if n == 0:
-        raise DataError(f"{path}: the file holds no steps")
-    for key, ndim in (("observations", 2), ("actions", 2), ("rewards", 1), ("terminals", 1), ("timeouts", 1)):
-        a = arrays[key]
-        if a.ndim != ndim:
-            raise DataError(f"{path}: key '{key}' has shape {a.shape}, expected {ndim} dimension(s)")
-        if len(a) != n:
-            raise DataError(f"{path}: key '{key}' has {len(a)} rows but 'observations' has {n}")
-    for key in ("observations", "actions", "rewards"):
-        if not np.isfinite(arrays[key]).all():
-            raise DataError(f"{path}: key '{key}' contains NaN or Inf")
+        except Exception:  # a damaged attribute only costs us the env name, which --env can give
+            env_attr = None
+    missing = [k for k, a in arrays.items() if a is None]
+    if missing:
+        raise DataError(f"{path}: not a D4RL trajectory file, missing key(s) {', '.join(missing)}")
+    check_arrays(arrays, path)
     if isinstance(env_attr, bytes):
-        env_attr = env_attr.decode()
-    return arrays, env_attr
+        env_attr = env_attr.decode(errors="replace")
+    return arrays, env_attr if isinstance(env_attr, str) else None
 
 
 def episode_ends(terminals, timeouts):
@@ -132,14 +168,20 @@ def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE):
     lengths = end_idx - start_idx + 1
     episode_start = np.repeat(start_idx, lengths)
 
-    mean = obs.mean(0)
-    std = obs.std(0) + 1e-6  # floor: a constant observation dimension would divide by zero
-    rtg = returns_to_go(arrays["rewards"], ends, gamma)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, once
+        mean = obs.mean(0)
+        std = obs.std(0) + 1e-6  # floor: a constant observation dimension would divide by zero
+        states = (obs - mean) / std
+        rtg = (returns_to_go(arrays["rewards"], ends, gamma) / reward_scale).astype(np.float32)
+        actions = arrays["actions"].astype(np.float32)
+    for key, a in (("observations", states), ("observations", std), ("rewards", rtg), ("actions", actions)):
+        if not np.isfinite(a).all():  # finite in the file, but beyond float32 once summed or squared
+            raise DataError(f"{path}: key '{key}' has values too large to train on")
     episode_returns = np.add.reduceat(arrays["rewards"].astype(np.float64), start_idx)
     data = Trajectories(
-        states=torch.from_numpy((obs - mean) / std),
-        actions=torch.from_numpy(arrays["actions"].astype(np.float32)),
-        returns_to_go=torch.from_numpy((rtg / reward_scale).astype(np.float32)),
+        states=torch.from_numpy(states),
+        actions=torch.from_numpy(actions),
+        returns_to_go=torch.from_numpy(rtg),
         timesteps=torch.from_numpy(np.arange(len(obs)) - episode_start),
         episode_start=torch.from_numpy(episode_start),
         episode_returns=episode_returns,

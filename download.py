@@ -4,17 +4,25 @@ Download D4RL's MuJoCo datasets (HDF5) into data/.
     python download.py halfcheetah-expert-v2
     python download.py hopper-medium-replay-v2 --url https://mirror.example/hopper.hdf5
 
-The file is streamed into NAME.hdf5.part and renamed only once it is complete, so an interrupted
-download never leaves a file that looks finished.
+Bytes are streamed into NAME.hdf5.part. A dropped or stalled connection is retried with backoff and
+resumed where it stopped (HTTP Range); run the same command again to resume after giving up. The
+file gets its final name only after it has the size the server announced and opens as a D4RL
+dataset; its SHA-256 is then written to NAME.hdf5.sha256 and checked whenever the file is used again.
 """
 import argparse
+import hashlib
+import http.client
 import os
+import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from tqdm import tqdm
+
+from data import DataError, read_hdf5
 
 BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 BODIES = ("halfcheetah", "hopper", "walker2d")
@@ -23,39 +31,125 @@ QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
 DATASETS = {
     f"{b}-{q}-v2": f"{BASE_URL}/{b}_{q.replace('-', '_')}-v2.hdf5" for b in BODIES for q in QUALITIES
 }
+OFFLINE_HINT = "Offline or host unreachable? Train on a local copy with: python train.py --data PATH"
 
 
 class DownloadError(Exception):
-    """A download that did not produce a complete file; the message says why."""
+    """A download that did not produce a complete, verified file; the message says why."""
 
 
-def download(name, dest=None, url=None, timeout=60):
-    """Fetch dataset `name` (or `url`) to `dest` (default data/NAME.hdf5); returns the path."""
+class TransientError(Exception):
+    """A failure worth retrying: the connection dropped, stalled or the server was busy."""
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checksum_path(path):
+    return Path(str(path) + ".sha256")
+
+
+def check_recorded_sha256(path):
+    """If a checksum was recorded when `path` was downloaded, the file must still match it."""
+    recorded = checksum_path(path)
+    if not recorded.exists():
+        return
+    expected = recorded.read_text().split()[:1]
+    if [sha256_of(path)] != expected:
+        raise DownloadError(f"{path}: its SHA-256 no longer matches the one recorded in {recorded} at "
+                            f"download time, so the file was changed or damaged; delete both and download again")
+
+
+def content_range(header):
+    """'bytes 100-999/1000' -> (100, 1000); 'bytes */1000' -> (None, 1000)."""
+    span, _, total = header.removeprefix("bytes ").partition("/")
+    start = None if span == "*" else int(span.split("-")[0])
+    return start, int(total) if total.isdigit() else None
+
+
+def fetch_into(part, url, timeout):
+    """One attempt: append what the server has beyond `part`'s current size. Returns the full size
+    the server announced (None if it did not say) once `part` holds that many bytes."""
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and have:  # nothing beyond `have`: complete already, or a stale part file
+            _, total = content_range(e.headers.get("Content-Range", ""))
+            if total == have:
+                return total
+            part.unlink()
+            raise TransientError("the partial file does not match the server's; starting over") from None
+        if e.code in (408, 429) or e.code >= 500:
+            raise TransientError(f"server answered {e.code} {e.reason}") from None
+        raise DownloadError(f"{url}: server answered {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, socket.gaierror):  # no DNS: retrying will not help
+            raise DownloadError(f"cannot reach {url} ({e.reason}). {OFFLINE_HINT}") from None
+        raise TransientError(f"cannot connect ({e.reason})") from None
+    with response:
+        if response.status == 206:
+            start, total = content_range(response.headers.get("Content-Range", ""))
+            if start != have:
+                raise TransientError(f"server resumed at byte {start}, not {have}")
+        else:  # 200: a server that ignores Range sends everything again, so start over
+            have = 0
+            total = int(response.headers["Content-Length"]) if response.headers["Content-Length"] else None
+        with open(part, "ab" if have else "wb") as f, tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5]) as bar:
+            while chunk := response.read1(1 << 20):  # what has arrived, so a stall loses nothing
+                f.write(chunk)
+                bar.update(len(chunk))
+    got = part.stat().st_size
+    if total is not None and got < total:
+        raise TransientError(f"connection ended after {got} of {total} bytes")
+    if total is not None and got > total:
+        part.unlink()
+        raise DownloadError(f"{url}: server sent {got} bytes but announced {total}; nothing was saved")
+    return total
+
+
+def download(name, dest=None, url=None, timeout=30, retries=5, backoff=2.0):
+    """Fetch dataset `name` (or `url`) to `dest` (default data/NAME.hdf5), verified; returns the path.
+
+    A file already at `dest` is checked against its recorded SHA-256 instead of fetched again."""
     if url is None:
         if name not in DATASETS:
             raise DownloadError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
         url = DATASETS[name]
     dest = Path(dest or Path("data") / f"{name}.hdf5")
+    if dest.exists():
+        check_recorded_sha256(dest)
+        return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = Path(str(dest) + ".part")
+    for attempt in range(retries + 1):
+        try:
+            fetch_into(part, url, timeout)
+            break
+        except (TransientError, OSError, http.client.HTTPException) as e:
+            # OSError covers resets and timeouts mid-transfer; HTTPException a truncated response.
+            reason = str(e) or type(e).__name__
+            if attempt == retries:
+                kept = f"; the {part.stat().st_size} bytes received are kept in {part}, run again to " \
+                       f"resume" if part.exists() and part.stat().st_size else ""
+                raise DownloadError(f"cannot download {url}: {reason}, {retries + 1} attempts{kept}. "
+                                    f"{OFFLINE_HINT}") from None
+            wait = backoff * 2 ** attempt
+            tqdm.write(f"download: {reason}; retrying in {wait:g}s")
+            time.sleep(wait)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            size = int(response.headers.get("Content-Length") or 0) or None
-            with open(part, "wb") as f, tqdm(total=size, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        got = part.stat().st_size
-        if size is not None and got != size:
-            raise DownloadError(f"{url}: got {got} bytes of {size}; try again")
-    except (urllib.error.URLError, OSError) as e:
-        part.unlink(missing_ok=True)
-        reason = getattr(e, "reason", e)
-        raise DownloadError(f"cannot download {url} ({reason}). Offline? Pass a local file with "
-                            f"--data PATH") from None
-    except BaseException:
-        part.unlink(missing_ok=True)
-        raise
+        read_hdf5(part)  # every key D4RL promises, with consistent lengths and finite values
+    except DataError as e:
+        part.unlink()
+        raise DownloadError(f"{url} is not a usable D4RL dataset, so nothing was saved: {e}") from None
+    checksum_path(dest).write_text(f"{sha256_of(part)}  {dest.name}\n")  # sha256sum -c reads this
     os.replace(part, dest)
     return dest
 
@@ -66,7 +160,9 @@ def main(argv=None):
     p.add_argument("--url", help="download from this address instead of D4RL's")
     p.add_argument("--out", help="destination file (default data/NAME.hdf5)")
     args = p.parse_args(argv)
-    print(f"saved {download(args.name, args.out, args.url)}")
+    path = download(args.name, args.out, args.url)
+    print(f"ready: {path} (SHA-256 in {checksum_path(path)})" if checksum_path(path).exists()
+          else f"ready: {path}")
 
 
 if __name__ == "__main__":
@@ -74,3 +170,5 @@ if __name__ == "__main__":
         main()
     except DownloadError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the bytes received so far are kept in the .part file; run again to resume")

@@ -109,20 +109,39 @@ def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale
     return returns
 
 
-def load_checkpoint(path, device="cpu"):
-    """Read a checkpoint written by train.py -> (model, checkpoint dict)."""
+CHECKPOINT_KEYS = ("model", "model_config", "state_mean", "state_std", "reward_scale", "env_id")
+
+
+def read_checkpoint(path, device="cpu"):
+    """The dict train.py saved, checked to be one of ours in a format this code reads."""
     try:
         # weights_only: a checkpoint holds tensors and plain values only, so loading one from a
-        # stranger cannot run code.
+        # stranger cannot run code (a pickle that asks to call a function is refused).
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: not a checkpoint of this code (format version {FORMAT_VERSION})")
-    model = DecisionTransformer(DTConfig(**ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
+    if not isinstance(ckpt, dict) or "format_version" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint written by this code's train.py")
+    if ckpt["format_version"] != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {ckpt['format_version']!r}, but this "
+                              f"code reads version {FORMAT_VERSION}")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path}: damaged checkpoint, missing {', '.join(missing)}")
+    return ckpt
+
+
+def load_checkpoint(path, device="cpu"):
+    """Read a checkpoint written by train.py -> (model, checkpoint dict)."""
+    ckpt = read_checkpoint(path, device)
+    try:
+        model = DecisionTransformer(DTConfig(**ckpt["model_config"])).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # a config or weights that do not fit the model this code builds
+        raise CheckpointError(f"{path}: damaged checkpoint, its weights do not fit its config "
+                              f"({type(e).__name__})") from None
     return model.eval(), ckpt
 
 
@@ -146,6 +165,8 @@ def main(argv=None):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, ckpt = load_checkpoint(args.checkpoint, device)
     env_id = args.env or ckpt["env_id"]
+    if body(env_id) != body(ckpt["env_id"]):  # Walker2d and HalfCheetah even share their sizes
+        raise CheckpointError(f"{args.checkpoint}: trained in {ckpt['env_id']}, not {env_id}")
     if body(env_id) not in D4RL_REF_RETURNS:
         raise CheckpointError(f"no D4RL reference returns for {env_id!r} (known: {', '.join(D4RL_REF_RETURNS)})")
     targets = args.target or [DEFAULT_TARGETS[body(env_id)]]

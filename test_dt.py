@@ -1,11 +1,13 @@
 """Tests: CPU only, no network, small synthetic data made under pytest's tmp_path."""
 import csv
-import functools
+import hashlib
 import http.server
 import json
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import h5py
@@ -16,20 +18,20 @@ import torch
 import download
 import evaluate
 import train
-from data import DataError, episode_ends, load_trajectories, returns_to_go, sample_batch
+from data import REQUIRED_KEYS, DataError, episode_ends, load_trajectories, returns_to_go, sample_batch
 from model import DecisionTransformer, DTConfig
 
 HERE = Path(__file__).parent
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
 
 
-def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True):
+def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True, state_dim=S):
     """Episodes back to back in D4RL's flat layout. Actions are a fixed function of the state, so
     a model can learn them; episodes end on terminals (odd ones) or timeouts (even ones)."""
     rng = np.random.default_rng(seed)
     n = sum(lengths)
-    obs = rng.normal(size=(n, S)).astype(np.float32)
-    actions = np.tanh(obs[:, :A] * 0.8 - obs[:, A:2 * A] * 0.5).astype(np.float32)
+    obs = rng.normal(size=(n, state_dim)).astype(np.float32)
+    actions = np.tanh(obs[:, :A] * 0.8 - obs[:, -A:] * 0.5).astype(np.float32)
     rewards = rng.uniform(0, 10, n).astype(np.float32)
     terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
     ends = np.cumsum(lengths) - 1
@@ -211,6 +213,70 @@ def test_mismatched_lengths_and_nan_are_refused(tmp_path):
         load_trajectories(path)
 
 
+def structural_mutations(f, rng):
+    """Edits of an open D4RL file, one per yield, each a way real files go wrong."""
+    n = len(f["observations"])
+    for key in REQUIRED_KEYS:
+        original = f[key][()]
+        for bad in (original[:-1], original[:0], original[..., None], np.float32(1.0),
+                    np.array([b"text"] * n), np.zeros((n, 0) if original.ndim == 2 else (0,), np.float32)):
+            del f[key]
+            f[key] = bad
+            yield f"{key} as {bad.dtype}{bad.shape}"
+        del f[key]
+        f.create_group(key)
+        yield f"{key} as a group"
+        del f[key]
+        yield f"{key} deleted"
+        f[key] = original
+        if original.dtype.kind == "f":
+            for value in (np.nan, np.inf, -np.inf, 3e38):
+                f[key][tuple(rng.integers(0, s) for s in original.shape)] = value
+                yield f"{key} with {value}"
+                f[key][...] = original
+
+
+def test_hundreds_of_mutated_files_load_or_fail_with_one_line(tmp_path):
+    """Truncations, random bytes, flipped bytes anywhere in the file (metadata included), deleted
+    keys, wrong shapes and NaNs: each file loads into finite tensors or raises DataError with
+    one line naming the file; nothing else escapes."""
+    base = write_d4rl(tmp_path / "base.hdf5", [30, 20, 25])
+    raw, rng = base.read_bytes(), np.random.default_rng(0)
+    files = []
+    for i, cut in enumerate([0, 1, 8, 100, len(raw) - 1, *rng.integers(0, len(raw), 60)]):
+        files.append(tmp_path / f"truncated{i}.hdf5")
+        files[-1].write_bytes(raw[:cut])
+    for i in range(200):
+        mutated = np.frombuffer(raw, np.uint8).copy()
+        where = rng.integers(0, len(raw), rng.integers(1, 9))
+        mutated[where] ^= rng.integers(1, 256, len(where)).astype(np.uint8)
+        files.append(tmp_path / f"flipped{i}.hdf5")
+        files[-1].write_bytes(mutated.tobytes())
+    for i in range(10):
+        files.append(tmp_path / f"random{i}.hdf5")
+        files[-1].write_bytes(rng.bytes(int(rng.integers(1, 5000))))
+    work = tmp_path / "work.hdf5"
+    work.write_bytes(raw)
+    with h5py.File(work, "a") as f:
+        for i, _ in enumerate(structural_mutations(f, rng)):
+            f.flush()
+            files.append(tmp_path / f"edited{i}.hdf5")
+            files[-1].write_bytes(work.read_bytes())
+    assert len(files) > 300
+    loaded = 0
+    for path in files:
+        try:
+            data, _ = load_trajectories(path)
+        except DataError as e:
+            assert str(path) in str(e) and "\n" not in str(e), str(e)
+            continue
+        loaded += 1
+        assert len(data.actions) == len(data.states) == len(data.returns_to_go) == data.num_steps > 0
+        for t in (data.states, data.actions, data.returns_to_go, data.state_mean, data.state_std):
+            assert torch.isfinite(t).all(), path
+    assert 0 < loaded < len(files)  # both outcomes happened: the mutations reach data and metadata
+
+
 # --- training, checkpoints, evaluation -------------------------------------------------------------
 
 def test_lr_schedule_warms_up_then_decays():
@@ -281,44 +347,268 @@ def test_cli_errors_are_one_line(tmp_path, trained):
     assert_one_line_error(run_cli("train.py", "--data", str(foreign)), str(foreign), "observations")
     assert_one_line_error(run_cli("evaluate.py", str(junk)), str(junk), "not a readable checkpoint")
     assert_one_line_error(run_cli("evaluate.py", str(tmp_path / "none.pt")), "no such file")
-    # A HalfCheetah checkpoint (17 observations) in Hopper (11): refused before any rollout.
-    assert_one_line_error(run_cli("evaluate.py", str(trained), "--env", "Hopper-v5", "--episodes", "1"),
-                          str(trained), "Hopper-v5", "size 11", "17")
+
+
+def edited_checkpoint(src, dest, **changes):
+    ckpt = torch.load(src, weights_only=True)
+    ckpt.update(changes)
+    torch.save(ckpt, dest)
+    return str(dest)
+
+
+def test_checkpoints_for_another_env_size_or_format_are_refused_in_one_line(tmp_path, trained):
+    # A HalfCheetah checkpoint in Hopper; Walker2d has HalfCheetah's sizes, so the name must decide.
+    assert_one_line_error(run_cli("evaluate.py", str(trained), "--env", "Hopper-v5"),
+                          str(trained), "trained in HalfCheetah-v5, not Hopper-v5")
+    walker = edited_checkpoint(trained, tmp_path / "walker.pt", env_id="Walker2d-v5")
+    assert_one_line_error(run_cli("evaluate.py", walker, "--env", "HalfCheetah-v5"), walker, "Walker2d-v5")
+    newer = edited_checkpoint(trained, tmp_path / "v2.pt", format_version=2)
+    assert_one_line_error(run_cli("evaluate.py", newer), newer, "format version 2", "reads version 1")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
+    assert_one_line_error(run_cli("evaluate.py", str(foreign)), str(foreign), "not a checkpoint written by")
+    weights = torch.load(trained, weights_only=True)["model"]
+    weights.pop("predict_action.weight")
+    damaged = edited_checkpoint(trained, tmp_path / "damaged.pt", model=weights)
+    assert_one_line_error(run_cli("evaluate.py", damaged), damaged, "weights do not fit")
+    # 11 observations but labelled HalfCheetah (17): refused by size before any rollout.
+    data = write_d4rl(tmp_path / "halfcheetah-small.hdf5", [30, 30], state_dim=11)
+    small = tmp_path / "small.pt"
+    train.main(["--data", str(data), "--max-steps", "2", "--n-layer", "1", "--n-embd", "16",
+                "--out", str(small)])
+    assert_one_line_error(run_cli("evaluate.py", str(small), "--episodes", "1"), str(small),
+                          "observations of size 17", "trained for 11")
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):  # unpickling would call open(path, "w"): a harmless stand-in for malware
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": RunsCodeWhenUnpickled(marker)}, evil)
+    assert_one_line_error(run_cli("evaluate.py", str(evil)), str(evil), "not a readable checkpoint")
+    assert_one_line_error(run_cli("train.py", "--resume", str(evil)), str(evil), "not a readable checkpoint")
+    assert not marker.exists()
+
+
+TINY_RUN = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
+
+
+def test_resume_continues_a_run_exactly(tmp_path, monkeypatch):
+    data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
+    # Dropout stays at 0.1, so the global RNG matters as much as the sampler's.
+    run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *TINY_RUN]
+    straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
+    train.main(run + ["--out", str(straight)])
+
+    calls = 0
+
+    def sample_then_ctrl_c(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 6:  # Ctrl-C arrives during step 6 of 12
+            signal.raise_signal(signal.SIGINT)
+        return sample_batch(*args)
+
+    monkeypatch.setattr(train, "sample_batch", sample_then_ctrl_c)
+    train.main(run + ["--out", str(split)])
+    assert torch.load(split, weights_only=True)["step"] == 6
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.undo()
+    train.main(["--resume", str(split)])
+
+    a, b = torch.load(straight, weights_only=True), torch.load(split, weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for i, state in a["optimizer"]["state"].items():
+        assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
+    with open(split.with_suffix(".csv")) as f:
+        assert [row["step"] for row in csv.DictReader(f)] == ["5", "6", "10", "12"]
+
+
+def test_resume_refuses_other_data_and_changed_settings(tmp_path, trained):
+    ckpt = edited_checkpoint(trained, tmp_path / "copy.pt")
+    other = write_d4rl(tmp_path / "halfcheetah-other.hdf5", [40, 40], seed=5)
+    with pytest.raises(evaluate.CheckpointError, match="trained on other data"):
+        train.main(["--resume", ckpt, "--data", str(other)])
+    proc = run_cli("train.py", "--resume", ckpt, "--lr", "0.1")
+    assert proc.returncode == 2 and "only --data may come with it, not --lr" in proc.stderr
+    plain = torch.load(trained, weights_only=True)
+    del plain["rng"]  # what a model-only checkpoint looks like
+    torch.save(plain, tmp_path / "plain.pt")
+    with pytest.raises(evaluate.CheckpointError, match="no training state"):
+        train.main(["--resume", str(tmp_path / "plain.pt")])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = write_d4rl(tmp_path / "halfcheetah-c.hdf5", [50] * 4)
+    out = tmp_path / "run.pt"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--max-steps", "100000",
+                             "--log-every", "1", *TINY_RUN, "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out.with_suffix(".csv"), time.time() + 90
+    while not (log.exists() and len(log.read_text().splitlines()) >= 4):  # a few steps in
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    step = torch.load(out, weights_only=True)["step"]
+    assert 3 <= step < 100000 and f"python train.py --resume {out}" in stdout
+    assert log.read_text().splitlines()[-1].startswith(f"{step},")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    data = write_d4rl(tmp_path / "halfcheetah-n.hdf5", [50] * 4)
+    out, calls, real_loss = tmp_path / "nan.pt", 0, train.action_loss
+
+    def loss_that_blows_up_at_step_8(*args):
+        nonlocal calls
+        calls += 1
+        return real_loss(*args) * (float("nan") if calls >= 8 else 1.0)
+
+    monkeypatch.setattr(train, "action_loss", loss_that_blows_up_at_step_8)
+    with pytest.raises(train.TrainingError, match=r"became nan at step 8; stopped \(.*nan.pt keeps step 5\)"):
+        train.main(["--data", str(data), "--max-steps", "20", "--log-every", "3", "--save-every", "5",
+                    *TINY_RUN, "--out", str(out)])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # --- download --------------------------------------------------------------------------------------
 
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves server.body with HTTP Range support, misbehaving as server.plan says: one entry per
+    request, the last repeating. "ok"; "drop": half the bytes, then close; "stall": half, then
+    silence; "long"/"short": announce 1000 bytes more/less than the file has ("long" ignores
+    Range); "no-range": ignore Range; "busy": 503; "missing": 404."""
+
+    def do_GET(self):
+        srv = self.server
+        how = srv.plan[min(len(srv.ranges), len(srv.plan) - 1)]
+        srv.ranges.append(self.headers.get("Range"))
+        if how in ("busy", "missing"):
+            return self.send_error(503 if how == "busy" else 404)
+        body, start = srv.body, 0
+        if self.headers.get("Range") and how not in ("no-range", "long"):
+            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
+            if start >= len(body):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(body)}")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        payload = body[start:]
+        announced = len(payload) + {"long": 1000, "short": -1000}.get(how, 0)
+        self.send_header("Content-Length", str(announced))
+        self.end_headers()
+        if how in ("drop", "stall"):
+            self.wfile.write(payload[:len(payload) // 2])
+            self.wfile.flush()
+            if how == "stall":
+                time.sleep(1.5)
+            return
+        self.wfile.write(payload[:announced])
+
+    def log_message(self, *args):
+        pass
+
+
 @pytest.fixture
-def http_server(tmp_path):
-    """Serve tmp_path/www on 127.0.0.1 on a free port, in a thread."""
-    root = tmp_path / "www"
-    root.mkdir()
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+def flaky_server(tmp_path):
+    """A local server for one file; set .body and .plan, read .ranges (the Range header of each
+    request) and .url."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)
+    server.body = write_d4rl(tmp_path / "source.hdf5", [300] * 4).read_bytes()
+    server.plan, server.ranges = ["ok"], []
+    server.url = f"http://127.0.0.1:{server.server_address[1]}/halfcheetah_expert-v2.hdf5"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
     server.shutdown()
     server.server_close()
 
 
-def test_download_from_a_local_server(tmp_path, http_server):
-    root, url = http_server
-    source = write_d4rl(root / "halfcheetah_expert-v2.hdf5", [20, 20])
+def fetch(server, dest, **kw):
+    return download.download("halfcheetah-expert-v2", dest, url=server.url, backoff=0, timeout=0.5, **kw)
+
+
+@pytest.mark.parametrize("plan, asks_resume", [
+    (["ok"], False),
+    (["drop", "ok"], True),          # resumes from the byte where the connection dropped
+    (["stall", "ok"], True),         # a dead connection times out, then resumes
+    (["busy", "drop", "ok"], True),  # 503 is retried
+    (["drop", "no-range"], True),    # a server that ignores Range: start over, still correct
+])
+def test_download_survives_a_bad_connection_and_verifies(tmp_path, flaky_server, plan, asks_resume):
+    flaky_server.plan = plan
     dest = tmp_path / "data" / "halfcheetah-expert-v2.hdf5"
-    download.download("halfcheetah-expert-v2", dest, url=f"{url}/halfcheetah_expert-v2.hdf5")
-    assert dest.read_bytes() == source.read_bytes()
-    assert not Path(str(dest) + ".part").exists()
+    fetch(flaky_server, dest)
+    assert dest.read_bytes() == flaky_server.body
+    assert len(flaky_server.ranges) == len(plan)
+    assert (flaky_server.ranges[-1] == f"bytes={len(flaky_server.body) // 2}-") == asks_resume
+    recorded = (tmp_path / "data" / "halfcheetah-expert-v2.hdf5.sha256").read_text()
+    assert recorded == f"{hashlib.sha256(flaky_server.body).hexdigest()}  {dest.name}\n"
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name, dest.name + ".sha256"]
     load_trajectories(dest)
 
 
-def test_download_failure_leaves_no_file_and_says_why(tmp_path, http_server):
-    _, url = http_server
+@pytest.mark.parametrize("plan, body, problem", [
+    (["long"], None, "connection ended after"),  # announces more than it ever sends
+    (["short"], None, "not a usable D4RL dataset"),  # complete by its own header, but truncated
+    (["ok"], b"<html>Please log in to the hotel wifi</html>", "not a usable D4RL dataset"),
+    (["missing"], None, "server answered 404"),
+])
+def test_download_never_leaves_a_bad_file_under_the_final_name(tmp_path, flaky_server, plan, body, problem):
+    flaky_server.plan = plan
+    flaky_server.body = body or flaky_server.body
+    dest = tmp_path / "data" / "halfcheetah-expert-v2.hdf5"
+    with pytest.raises(download.DownloadError, match=problem) as err:
+        fetch(flaky_server, dest, retries=2)
+    assert "\n" not in str(err.value) and flaky_server.url in str(err.value)
+    assert not dest.exists() and not Path(str(dest) + ".sha256").exists()
+    if plan == ["long"]:  # the bytes it did send are kept for a later resume, and it says so
+        assert "run again to resume" in str(err.value) and len(flaky_server.ranges) == 3
+
+
+def test_interrupted_download_resumes_on_the_next_run(tmp_path, flaky_server):
+    flaky_server.plan = ["drop"]
+    dest = tmp_path / "data" / "halfcheetah-expert-v2.hdf5"
+    with pytest.raises(download.DownloadError, match="kept in"):
+        fetch(flaky_server, dest, retries=0)
+    flaky_server.plan, flaky_server.ranges = ["ok"], []
+    fetch(flaky_server, dest)
+    assert flaky_server.ranges == [f"bytes={len(flaky_server.body) // 2}-"]
+    assert dest.read_bytes() == flaky_server.body
+
+
+def test_a_changed_file_fails_its_recorded_checksum(tmp_path, flaky_server):
+    dest = tmp_path / "data" / "halfcheetah-expert-v2.hdf5"
+    fetch(flaky_server, dest)
+    fetch(flaky_server, dest)  # present and intact: verified, not fetched again
+    assert len(flaky_server.ranges) == 1
+    with h5py.File(dest, "a") as f:
+        f["rewards"][0] += 1.0
+    with pytest.raises(download.DownloadError, match="SHA-256 no longer matches"):
+        fetch(flaky_server, dest)
+    proc = run_cli("train.py", "--data", str(dest), "--max-steps", "1")
+    assert_one_line_error(proc, str(dest), "SHA-256")
+
+
+def test_unreachable_host_says_offline_and_names_data_flag(tmp_path):
     dest = tmp_path / "data" / "x.hdf5"
-    with pytest.raises(download.DownloadError, match="--data"):
-        download.download("halfcheetah-expert-v2", dest, url=f"{url}/missing.hdf5")
-    assert list(dest.parent.iterdir()) == []
+    with pytest.raises(download.DownloadError, match="Offline.*--data"):
+        download.download("halfcheetah-expert-v2", dest, url="http://127.0.0.1:9/x.hdf5", retries=1,
+                          backoff=0)
+    assert not dest.exists()
 
 
 def test_dataset_addresses_follow_d4rl_naming():

@@ -3,14 +3,17 @@ Train a Decision Transformer on D4RL-style trajectories.
 
     python train.py --epochs 120                  # halfcheetah-expert-v2, downloaded when missing
     python train.py --data my.hdf5 --max-steps 2000
+    python train.py --resume ckpt.pt              # continue an interrupted run exactly
 
 One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps.
-Writes ckpt.pt (model, optimizer, config, dataset statistics, step) and a CSV log beside it.
+Writes ckpt.pt (model, optimizer, RNG state, config, dataset statistics, step) every --save-every
+steps and at the end, and a CSV log beside it. Ctrl-C saves a checkpoint and exits.
 """
 import argparse
 import csv
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -22,14 +25,21 @@ from tqdm import tqdm
 import download
 from data import DataError, load_trajectories, sample_batch
 from evaluate import (DEFAULT_TARGETS, FORMAT_VERSION, CheckpointError, body, normalized_score,
-                      rollout)
+                      read_checkpoint, rollout)
 from model import DecisionTransformer, DTConfig, configure_optimizer
+
+DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
+LOG_COLUMNS = ["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"]
+
+
+class TrainingError(Exception):
+    """A run that cannot go on; the message says why and what was kept."""
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/halfcheetah-expert-v2.hdf5",
-                   help="HDF5 trajectories; a missing D4RL file (data/NAME.hdf5) is downloaded")
+    p.add_argument("--data", help=f"HDF5 trajectories (default {DEFAULT_DATA}; a missing D4RL file "
+                                  f"data/NAME.hdf5 is downloaded)")
     p.add_argument("--env", help="gymnasium env id (default: from the data file)")
     p.add_argument("--epochs", type=float, default=120)
     p.add_argument("--max-steps", type=int, help="train this many steps instead of --epochs")
@@ -49,10 +59,26 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt.pt", help="checkpoint path; the CSV log goes beside it")
     p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--save-every", type=int, default=1000, help="write the checkpoint every N steps")
     p.add_argument("--eval-every", type=int, default=0, help="evaluate in the env every N steps (0: off)")
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--target", type=float, help="return asked for when evaluating (default: per env)")
-    return p.parse_args(argv)
+    p.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT with its own settings")
+    args = p.parse_args(argv)
+    if args.resume:
+        extra = flags_given(p, argv) - {"resume", "data"}
+        if extra:
+            p.error("--resume continues a run with the settings it was started with; only --data may "
+                    f"come with it, not {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")
+    return args
+
+
+def flags_given(parser, argv):
+    """The options written on the command line, as opposed to left at their defaults."""
+    unset = object()
+    # argparse fills in a default only where the namespace has no value yet.
+    blank = argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
 
 
 def get_lr(step, total_steps, max_lr):
@@ -70,27 +96,60 @@ def action_loss(pred, target, mask):
     return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
 
 
-def save_checkpoint(path, model, optimizer, cfg, data, env_id, args, step):
-    ckpt = {
-        "format_version": FORMAT_VERSION,
-        "model": model.state_dict(),
-        "model_config": asdict(cfg),
-        "optimizer": optimizer.state_dict(),
-        "state_mean": data.state_mean, "state_std": data.state_std, "reward_scale": data.reward_scale,
-        "env_id": env_id,
-        "train_args": vars(args),
-        "step": step,
-    }
-    # Write beside the target and rename: os.replace is atomic, so a run killed mid-write leaves
-    # the previous checkpoint intact instead of a truncated file.
+def mean_finite_loss(losses, first_step, out, saved_step):
+    """Mean of the losses since the last log row. A non-finite one stops the run: the parameters
+    it produced are already poisoned, so they must not reach a checkpoint."""
+    for i, x in enumerate(losses):
+        if not math.isfinite(x):
+            kept = f"{out} keeps step {saved_step}" if saved_step else "no checkpoint was written"
+            raise TrainingError(f"the loss became {x} at step {first_step + i}; stopped ({kept}). "
+                                f"A lower --lr or --grad-clip may help")
+    return sum(losses) / len(losses)
+
+
+def rng_state(generator):
+    """Everything random in a step: the batch sampler's generator and the global generators that
+    dropout draws from. Saving them is what makes a resumed run continue the same sequence."""
+    state = {"sampler": generator.get_state(), "torch": torch.get_rng_state()}
+    if generator.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator):
+    generator.set_state(state["sampler"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and generator.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def save_checkpoint(path, ckpt):
+    # Tensors and plain Python values only, so evaluate.py can load it with weights_only=True.
+    # Written beside the target and renamed: os.replace is atomic, so a run killed mid-write
+    # leaves the previous checkpoint intact instead of a truncated file.
     tmp = Path(str(path) + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
+def open_log(path, resume_step=None):
+    """A fresh CSV log, or on resume the old one cut back to the checkpoint's step (a run killed
+    after its last save may have logged steps that will now be trained again)."""
+    rows = []
+    if resume_step is not None and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= resume_step]
+    log_file = open(path, "w", newline="")
+    log = csv.writer(log_file)
+    log.writerows([LOG_COLUMNS, *rows])
+    return log_file, log
+
+
 def load_data(args):
     path = Path(args.data)
-    if not path.exists() and path.stem in download.DATASETS:
+    if path.exists():
+        download.check_recorded_sha256(path)
+    elif path.stem in download.DATASETS:
         download.download(path.stem, path)
     data, env_from_file = load_trajectories(path, gamma=args.gamma)
     env_id = args.env or env_from_file
@@ -99,12 +158,55 @@ def load_data(args):
     return data, env_id
 
 
+def resume_run(args):
+    """(saved checkpoint, the run's own arguments) for --resume; the run goes on in the same file."""
+    saved = read_checkpoint(args.resume)
+    if "rng" not in saved:
+        raise CheckpointError(f"{args.resume}: holds no training state to resume from (only a model)")
+    run_args = {**vars(parse_args([])), **saved["train_args"]}
+    if not args.data and not Path(run_args["data"]).exists():
+        raise CheckpointError(f"{args.resume}: the run's data {run_args['data']} is not there (a path "
+                              f"relative to where it started?); say where it is with --data PATH")
+    run_args.update(resume=args.resume, out=args.resume, data=args.data or run_args["data"])
+    return saved, argparse.Namespace(**run_args)
+
+
+def check_same_data(saved, data, env_id, args):
+    if env_id != saved["env_id"] or not (torch.equal(data.state_mean.cpu(), saved["state_mean"].cpu())
+                                         and torch.equal(data.state_std.cpu(), saved["state_std"].cpu())):
+        raise CheckpointError(f"{args.resume} was trained on other data than {args.data} "
+                              f"({saved['env_id']}, different observation statistics); cannot resume")
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the loop to stop after the current step and save; a second one
+    interrupts at once (the last checkpoint on disk stays intact either way)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    saved = None
+    if args.resume:
+        saved, args = resume_run(args)
+    args.data = args.data or DEFAULT_DATA
     print(f"config: {vars(args)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(args.seed)
     data, env_id = load_data(args)
+    if saved:
+        check_same_data(saved, data, env_id, args)
     data.to(device)  # the whole dataset lives on the training device; batches never cross the bus
     steps_per_epoch = math.ceil(data.num_steps / (args.batch_size * args.context_len))
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
@@ -119,41 +221,57 @@ def main(argv=None):
     train_model = torch.compile(model) if use_cuda and not args.no_compile else model
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and not args.no_amp)
     gen = torch.Generator(device=device).manual_seed(args.seed)
+    start_step, elapsed_before = 0, 0.0
+    if saved:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        set_rng_state(saved["rng"], gen)
+        start_step, elapsed_before = saved["step"], saved["elapsed_s"]
+    run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": env_id,
+                "state_mean": data.state_mean.cpu(), "state_std": data.state_std.cpu(),
+                "reward_scale": data.reward_scale, "train_args": vars(args)}
 
     print(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
           f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}")
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-          f"{total_steps} steps ({steps_per_epoch} per epoch)")
+          f"{total_steps} steps ({steps_per_epoch} per epoch)" +
+          (f"; resuming at step {start_step}" if saved else ""))
 
+    if start_step >= total_steps:
+        print(f"{args.out} has already finished its {total_steps} steps")
+        return
     log_path = Path(args.out).with_suffix(".csv")
-    log_file = open(log_path, "w", newline="")
-    log = csv.writer(log_file)
-    log.writerow(["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"])
-    loss_sum, loss_count, loss_avg = torch.zeros((), device=device), 0, float("nan")
+    log_file, log = open_log(log_path, start_step if saved else None)
+    recent = torch.zeros(args.log_every, device=device)  # losses since the last log row, on the device
+    n_recent, loss_avg, saved_step = 0, float("nan"), start_step if saved else None
     t0, eval_time = time.time(), 0.0  # elapsed_s in the log is training time, evaluation excluded
-    bar = tqdm(range(total_steps), desc="train", unit="step", dynamic_ncols=True)
-    for step in bar:
-        lr = get_lr(step, total_steps, args.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        states, actions, rtg, timesteps, mask = sample_batch(data, args.batch_size, args.context_len, gen)
-        with amp:
-            pred = train_model(states, actions, rtg, timesteps, mask)
-        loss = action_loss(pred.float(), actions, mask)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        loss_sum += loss.detach()  # stays on the device: no host sync until a log point
-        loss_count += 1
+    bar = tqdm(range(start_step, total_steps), desc="train", unit="step", dynamic_ncols=True,
+               initial=start_step, total=total_steps)
+    with StopOnCtrlC() as ctrl_c, log_file:
+        for step in bar:
+            lr = get_lr(step, total_steps, args.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            states, actions, rtg, timesteps, mask = sample_batch(data, args.batch_size, args.context_len, gen)
+            with amp:
+                pred = train_model(states, actions, rtg, timesteps, mask)
+            loss = action_loss(pred.float(), actions, mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            recent[n_recent] = loss.detach()  # no host sync until a log point
+            n_recent += 1
 
-        last = step + 1 == total_steps
-        evaluating = args.eval_every and ((step + 1) % args.eval_every == 0 or last)
-        if (step + 1) % args.log_every == 0 or last or evaluating:
-            loss_avg = loss_sum.item() / loss_count
-            loss_sum.zero_()
-            loss_count = 0
-            row = [step + 1, f"{loss_avg:.5f}", f"{lr:.3g}", f"{time.time() - t0 - eval_time:.1f}", "", ""]
+            done = step + 1
+            finished = done == total_steps or ctrl_c.requested
+            evaluating = args.eval_every and (done % args.eval_every == 0 or done == total_steps)
+            saving = finished or evaluating or done % args.save_every == 0
+            if not (saving or done % args.log_every == 0):
+                continue
+            loss_avg = mean_finite_loss(recent[:n_recent].tolist(), done - n_recent + 1, args.out, saved_step)
+            n_recent = 0
+            row = [done, f"{loss_avg:.5f}", f"{lr:.3g}", "", "", ""]
             if evaluating:
                 t_eval = time.time()
                 returns = rollout(model, env_id, target, args.eval_episodes, data.state_mean,
@@ -161,22 +279,35 @@ def main(argv=None):
                                   progress=False)
                 model.train()
                 row[4:] = [f"{returns.mean():.1f}", f"{normalized_score(env_id, returns.mean()):.1f}"]
-                bar.write(f"step {step + 1}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
+                bar.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
                           f"(normalized {row[5]}) at target {target:g}")
-                save_checkpoint(args.out, model, optimizer, cfg, data, env_id, args, step + 1)
                 eval_time += time.time() - t_eval
+            elapsed = elapsed_before + time.time() - t0 - eval_time
+            row[3] = f"{elapsed:.1f}"
+            if saving:
+                save_checkpoint(args.out, {**run_info, "model": model.state_dict(),
+                                           "optimizer": optimizer.state_dict(), "rng": rng_state(gen),
+                                           "step": done, "elapsed_s": elapsed})
+                saved_step = done
             log.writerow(row)
             log_file.flush()
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}")
-    log_file.close()
-    save_checkpoint(args.out, model, optimizer, cfg, data, env_id, args, total_steps)
-    elapsed = time.time() - t0 - eval_time
-    print(f"done: {total_steps} steps in {elapsed:.0f}s ({total_steps / elapsed:.1f} steps/s), "
-          f"final loss {loss_avg:.4f}, checkpoint {args.out}, log {log_path}")
+            if ctrl_c.requested:
+                break
+    bar.close()
+    if done < total_steps:
+        print(f"interrupted: step {saved_step} of {total_steps} saved in {args.out}; "
+              f"continue with: python train.py --resume {args.out}")
+        return
+    rate = (total_steps - start_step) / (elapsed - elapsed_before)
+    print(f"done: {total_steps} steps in {elapsed:.0f}s ({rate:.1f} steps/s), final loss {loss_avg:.4f}, "
+          f"checkpoint {args.out}, log {log_path}")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (DataError, CheckpointError, download.DownloadError) as e:
+    except (DataError, CheckpointError, TrainingError, download.DownloadError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        sys.exit("interrupted; any checkpoint already written is intact")
