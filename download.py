@@ -72,6 +72,14 @@ def content_range(header):
     return start, int(total) if total.isdigit() else None
 
 
+def read_some(response):
+    """The bytes that have arrived (up to 1 MiB): a stalled connection loses nothing received."""
+    try:
+        return response.read1(1 << 20)
+    except (OSError, http.client.HTTPException) as e:  # reset, timed out, truncated
+        raise TransientError(f"connection lost ({e or type(e).__name__})") from None
+
+
 def fetch_into(part, url, timeout):
     """One attempt: append what the server has beyond `part`'s current size. Returns the full size
     the server announced (None if it did not say) once `part` holds that many bytes."""
@@ -93,6 +101,8 @@ def fetch_into(part, url, timeout):
         if isinstance(e.reason, socket.gaierror):  # no DNS: retrying will not help
             raise DownloadError(f"cannot reach {url} ({e.reason}). {OFFLINE_HINT}") from None
         raise TransientError(f"cannot connect ({e.reason})") from None
+    except (OSError, http.client.HTTPException) as e:  # reset, timed out, closed before answering
+        raise TransientError(f"no answer ({e or type(e).__name__})") from None
     with response:
         if response.status == 206:
             start, total = content_range(response.headers.get("Content-Range", ""))
@@ -103,7 +113,7 @@ def fetch_into(part, url, timeout):
             total = int(response.headers["Content-Length"]) if response.headers["Content-Length"] else None
         with open(part, "ab" if have else "wb") as f, tqdm(
                 total=total, initial=have, unit="B", unit_scale=True, desc=part.name[:-5]) as bar:
-            while chunk := response.read1(1 << 20):  # what has arrived, so a stall loses nothing
+            while chunk := read_some(response):
                 f.write(chunk)
                 bar.update(len(chunk))
     got = part.stat().st_size
@@ -127,22 +137,22 @@ def download(name, dest=None, url=None, timeout=30, retries=5, backoff=2.0):
     if dest.exists():
         check_recorded_sha256(dest)
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     part = Path(str(dest) + ".part")
     for attempt in range(retries + 1):
         try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
             fetch_into(part, url, timeout)
             break
-        except (TransientError, OSError, http.client.HTTPException) as e:
-            # OSError covers resets and timeouts mid-transfer; HTTPException a truncated response.
-            reason = str(e) or type(e).__name__
+        except OSError as e:  # network errors arrive as TransientError, so this is the local disk
+            raise DownloadError(f"cannot write {part} ({e.strerror or e})") from None
+        except TransientError as e:
             if attempt == retries:
-                kept = f"; the {part.stat().st_size} bytes received are kept in {part}, run again to " \
-                       f"resume" if part.exists() and part.stat().st_size else ""
-                raise DownloadError(f"cannot download {url}: {reason}, {retries + 1} attempts{kept}. "
+                size = part.stat().st_size if part.exists() else 0
+                kept = f"; the {size} bytes received are kept in {part}, run again to resume" if size else ""
+                raise DownloadError(f"cannot download {url}: {e}, {retries + 1} attempts{kept}. "
                                     f"{OFFLINE_HINT}") from None
             wait = backoff * 2 ** attempt
-            tqdm.write(f"download: {reason}; retrying in {wait:g}s")
+            tqdm.write(f"download: {e}; retrying in {wait:g}s")
             time.sleep(wait)
     try:
         read_hdf5(part)  # every key D4RL promises, with consistent lengths and finite values

@@ -197,3 +197,5 @@ if __name__ == "__main__":
         main()
     except CheckpointError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted")
