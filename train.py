@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--target", type=float, help="return asked for when evaluating (default: per env)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT with its own settings")
     args = p.parse_args(argv)
+    if args.log_every < 1 or args.save_every < 1:
+        p.error("--log-every and --save-every must be at least 1")
     if args.resume:
         extra = flags_given(p, argv) - {"resume", "data"}
         if extra:
@@ -161,7 +163,7 @@ def load_data(args):
 def resume_run(args):
     """(saved checkpoint, the run's own arguments) for --resume; the run goes on in the same file."""
     saved = read_checkpoint(args.resume)
-    if "rng" not in saved:
+    if not all(k in saved for k in ("optimizer", "rng", "train_args", "step", "elapsed_s")):
         raise CheckpointError(f"{args.resume}: holds no training state to resume from (only a model)")
     run_args = {**vars(parse_args([])), **saved["train_args"]}
     if not args.data and not Path(run_args["data"]).exists():
@@ -223,9 +225,12 @@ def main(argv=None):
     gen = torch.Generator(device=device).manual_seed(args.seed)
     start_step, elapsed_before = 0, 0.0
     if saved:
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"], gen)
+        try:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            set_rng_state(saved["rng"], gen)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{args.resume}: damaged training state ({type(e).__name__})") from None
         start_step, elapsed_before = saved["step"], saved["elapsed_s"]
     run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": env_id,
                 "state_mean": data.state_mean.cpu(), "state_std": data.state_std.cpu(),
