@@ -3,9 +3,11 @@ Trajectory data: a D4RL-style HDF5 file -> normalized states, returns-to-go and 
 
 D4RL stores every episode back to back in flat arrays (`observations`, `actions`, `rewards`,
 `terminals`, `timeouts`); an episode ends where `terminals` (the MDP ended) or `timeouts` (the time
-limit cut it) is true. Everything is read once into contiguous tensors; a batch is then a handful
+limit cut it) is true. Minari's files (one group per episode) are flattened into the same arrays.
+Everything is read once into contiguous tensors; a batch is then a handful
 of vectorised index operations, with no Python loop per sample.
 """
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +113,45 @@ def check_arrays(arrays, path):
             raise DataError(f"{path}: key '{key}' has NaN or Inf values (first in row {bad[0]})")
 
 
+# Minari (D4RL's maintained successor) keeps one group per episode, with its own key names.
+MINARI_KEYS = {"observations": "observations", "actions": "actions", "rewards": "rewards",
+               "terminals": "terminations", "timeouts": "truncations"}
+
+
+def read_minari(f, path):
+    """Minari's layout -> D4RL's five flat arrays. Each episode_N group holds one more observation
+    than actions (the one after the last step), which no action follows, so it is dropped."""
+    names = sorted((k for k in f if k.startswith("episode_")), key=lambda k: (len(k), k))  # numeric order
+    episodes = []
+    for name in names:
+        where = f"{path}: {name}"
+        ep = {ours: read_key(f[name], theirs, where) for ours, theirs in MINARI_KEYS.items()}
+        missing = [MINARI_KEYS[k] for k, a in ep.items() if a is None]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
+        steps = len(ep["actions"]) if ep["actions"].ndim else 0
+        if steps == 0:
+            raise DataError(f"{where}: the episode has no steps")
+        if len(ep["observations"]) not in (steps, steps + 1):
+            raise DataError(f"{where}: key 'observations' has {len(ep['observations'])} rows for {steps} actions")
+        ep["observations"] = ep["observations"][:steps]
+        check_arrays(ep, where)
+        ep["timeouts"] = ep["timeouts"].astype(bool)
+        ep["timeouts"][-1] |= not ep["terminals"][-1]  # an episode ends at its last step, flagged or not
+        if episodes and any(ep[k].shape[1:] != episodes[0][k].shape[1:] for k in ep):
+            raise DataError(f"{where}: its arrays are not the same width as {names[0]}'s")
+        episodes.append(ep)
+    return {k: np.concatenate([ep[k] for ep in episodes]) for k in REQUIRED_KEYS}
+
+
+def minari_env_id(f):
+    """The env id Minari records as JSON in the root attribute env_spec (None if absent)."""
+    try:
+        return json.loads(f.attrs["env_spec"])["id"]
+    except Exception:  # absent or unreadable: the user can still pass --env
+        return None
+
+
 def read_hdf5(path):
     """Read and check the five D4RL arrays; any other key is ignored."""
     path = Path(path)
@@ -121,6 +162,12 @@ def read_hdf5(path):
     except Exception as e:  # OSError for anything that is not (intact) HDF5
         raise DataError(f"{path}: cannot be read as HDF5 ({one_line(e)})") from None
     with f:
+        try:
+            minari = "observations" not in f and any(k.startswith("episode_") for k in f)
+        except Exception as e:
+            raise DataError(f"{path}: the file is damaged ({one_line(e)})") from None
+        if minari:
+            return read_minari(f, path), minari_env_id(f)
         arrays = {k: read_key(f, k, path) for k in REQUIRED_KEYS}
         try:
             env_attr = f.attrs.get("env")

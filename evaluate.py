@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from model import DecisionTransformer, DTConfig
+from model import DTConfig, build_model
 
 FORMAT_VERSION = 1
 
@@ -137,7 +137,7 @@ def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by train.py -> (model, checkpoint dict)."""
     ckpt = read_checkpoint(path, device)
     try:
-        model = DecisionTransformer(DTConfig(**ckpt["model_config"])).to(device)
+        model = build_model(DTConfig(**ckpt["model_config"])).to(device)
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # a config or weights that do not fit the model this code builds
         raise CheckpointError(f"{path}: damaged checkpoint, its weights do not fit its config "
@@ -154,10 +154,40 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
+    p.add_argument("--plot", metavar="FILE.png", help="draw achieved against requested return")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error("--episodes must be at least 1")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked now, not after minutes of rollouts)
+        except ImportError:
+            p.error("--plot needs matplotlib, which is optional: pip install matplotlib")
     return args
+
+
+def print_sweep(results):
+    print(f"\n{'target':>8}  {'achieved (mean ± std)':>22}  {'normalized':>10}")
+    for r in results:
+        achieved = f"{r['mean_return']:.0f} ± {r['std_return']:.0f}"
+        print(f"{r['target']:>8g}  {achieved:>22}  {r['normalized_score']:>10.1f}")
+
+
+def plot_sweep(results, path, title):
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    targets = [r["target"] for r in results]
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(targets, targets, "--", color="grey", label="achieved = requested")
+    ax.errorbar(targets, [r["mean_return"] for r in results], yerr=[r["std_return"] for r in results],
+                marker="o", capsize=3, label=f"achieved (mean ± std, {results[0]['episodes']} episodes)")
+    ax.set(xlabel="requested return (target)", ylabel="achieved return", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -170,6 +200,10 @@ def main(argv=None):
     if body(env_id) not in D4RL_REF_RETURNS:
         raise CheckpointError(f"no D4RL reference returns for {env_id!r} (known: {', '.join(D4RL_REF_RETURNS)})")
     targets = args.target or [DEFAULT_TARGETS[body(env_id)]]
+    if model.cfg.kind == "bc" and len(targets) > 1:
+        print("a BC checkpoint does not condition on a return: evaluating once", file=sys.stderr)
+        targets = targets[:1]
+    results = []
     for target in targets:
         try:
             returns = rollout(model, env_id, target, args.episodes, ckpt["state_mean"],
@@ -178,7 +212,7 @@ def main(argv=None):
         except CheckpointError as e:  # the env does not fit this checkpoint: name both
             raise CheckpointError(f"{args.checkpoint}: {e}") from None
         result = {
-            "env": env_id, "target": target, "episodes": args.episodes,
+            "env": env_id, "model": model.cfg.kind, "target": target, "episodes": args.episodes,
             "returns": [round(float(r), 2) for r in returns],
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
             "normalized_score": normalized_score(env_id, float(returns.mean())),
@@ -186,10 +220,17 @@ def main(argv=None):
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            print(f"{env_id}  target {target:g}  ({args.episodes} episodes)")
+            asked = f"target {target:g}" if model.cfg.kind == "dt" else "BC (no target)"
+            print(f"{env_id}  {asked}  ({args.episodes} episodes)")
             print("  returns:", " ".join(f"{r:.1f}" for r in returns))
             print(f"  mean {result['mean_return']:.1f} ± {result['std_return']:.1f}   "
                   f"D4RL normalized score {result['normalized_score']:.1f}")
+        results.append(result)
+    if len(results) > 1 and not args.json:
+        print_sweep(results)
+    if args.plot:
+        plot_sweep(results, args.plot, f"{env_id}, {args.checkpoint}")
+        print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
 
 
 if __name__ == "__main__":

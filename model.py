@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 @dataclass
 class DTConfig:
+    kind: str = "dt"  # "dt": the Decision Transformer; "bc": the behaviour-cloning baseline
     state_dim: int = 17
     act_dim: int = 6
     context_len: int = 20  # K: timesteps per window, so 3K tokens
@@ -152,6 +153,33 @@ class DecisionTransformer(nn.Module):
             timesteps = F.pad(timesteps, (pad, 0))
             mask = torch.arange(K, device=states.device).expand(states.shape[0], K) >= pad
         return self(states, actions, returns_to_go, timesteps, mask)[:, -1]
+
+
+class BehaviourCloning(nn.Module):
+    """The baseline the DT paper compares against: an MLP from the current state to the action,
+    with no return-to-go and no history (n_layer hidden layers of width n_embd). It takes the same
+    inputs as the DT and predicts every step of a window on its own, so both train on the same
+    batches, loss and schedule, and evaluate.py rolls both out alike."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        layers, width = [], cfg.state_dim
+        for _ in range(cfg.n_layer):
+            layers += [nn.Linear(width, cfg.n_embd), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            width = cfg.n_embd
+        self.net = nn.Sequential(*layers, nn.Linear(width, cfg.act_dim))
+
+    def forward(self, states, actions, returns_to_go, timesteps, mask=None):
+        return torch.tanh(self.net(states))
+
+    @torch.no_grad()
+    def get_action(self, states, actions, returns_to_go, timesteps):
+        return self(states[:, -1], None, None, None)
+
+
+def build_model(cfg):
+    return BehaviourCloning(cfg) if cfg.kind == "bc" else DecisionTransformer(cfg)
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), device_type="cpu"):

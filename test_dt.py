@@ -18,20 +18,21 @@ import torch
 import download
 import evaluate
 import train
-from data import REQUIRED_KEYS, DataError, episode_ends, load_trajectories, returns_to_go, sample_batch
-from model import DecisionTransformer, DTConfig
+from data import (MINARI_KEYS, REQUIRED_KEYS, DataError, episode_ends, load_trajectories, returns_to_go,
+                  sample_batch)
+from model import BehaviourCloning, DecisionTransformer, DTConfig
 
 HERE = Path(__file__).parent
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
 
 
-def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True, state_dim=S):
+def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True, state_dim=S, act_dim=A):
     """Episodes back to back in D4RL's flat layout. Actions are a fixed function of the state, so
     a model can learn them; episodes end on terminals (odd ones) or timeouts (even ones)."""
     rng = np.random.default_rng(seed)
     n = sum(lengths)
     obs = rng.normal(size=(n, state_dim)).astype(np.float32)
-    actions = np.tanh(obs[:, :A] * 0.8 - obs[:, -A:] * 0.5).astype(np.float32)
+    actions = np.tanh(obs[:, :act_dim] * 0.8 - obs[:, -act_dim:] * 0.5).astype(np.float32)
     rewards = rng.uniform(0, 10, n).astype(np.float32)
     terminals, timeouts = np.zeros(n, bool), np.zeros(n, bool)
     ends = np.cumsum(lengths) - 1
@@ -318,6 +319,112 @@ def test_rollout_in_halfcheetah_reports_returns_and_normalized_score(trained, ca
             100 * (r["mean_return"] + 280.178953) / (12135.0 + 280.178953))
 
 
+TINY = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
+
+
+def test_behaviour_cloning_baseline_trains_saves_and_evaluates(tmp_path, capsys):
+    data = write_d4rl(tmp_path / "halfcheetah-bc.hdf5", [200] * 6)
+    out = tmp_path / "bc.pt"
+    train.main(["--data", str(data), "--model", "bc", "--max-steps", "150", "--batch-size", "16",
+                "--lr", "3e-3", "--log-every", "10", "--out", str(out)])
+    with open(out.with_suffix(".csv")) as f:
+        losses = [float(row["loss"]) for row in csv.DictReader(f)]
+    assert losses[-1] < 0.5 * losses[0]
+    model, ckpt = evaluate.load_checkpoint(out)
+    assert isinstance(model, BehaviourCloning) and ckpt["model_config"]["kind"] == "bc"
+    # The action depends on the current state only: history and return-to-go are ignored.
+    s, a, r, t = random_window(3, 5)
+    s2, a2, r2, t2 = random_window(3, 5, seed=1)
+    s2[:, -1] = s[:, -1]
+    torch.testing.assert_close(model.get_action(s, a, r, t), model.get_action(s2, a2, r2, t2))
+    capsys.readouterr()
+    evaluate.main([str(out), "--target", "0", "12000", "--episodes", "2", "--json"])
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(results) == 1 and results[0]["model"] == "bc" and len(results[0]["returns"]) == 2
+
+
+def test_a_target_sweep_prints_a_table_and_draws_it(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    evaluate.main([str(trained), "--target", "0", "3000", "6000", "--episodes", "2", "--plot", str(png)])
+    out = capsys.readouterr().out
+    table = out[out.index("achieved (mean ± std)"):].splitlines()[1:4]
+    assert [line.split()[0] for line in table] == ["0", "3000", "6000"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, capsys, monkeypatch):
+    png = tmp_path / "sweep.png"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.parse_args([str(trained), "--plot", str(png)])
+    assert exit_.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("body, env_id, state_dim, act_dim", [
+    ("hopper", "Hopper-v5", 11, 3), ("walker2d", "Walker2d-v5", 17, 6)])
+def test_hopper_and_walker_train_and_evaluate_with_early_terminations(tmp_path, capsys, body, env_id,
+                                                                     state_dim, act_dim):
+    # Episodes of uneven length that end by falling over (terminals), as Hopper and Walker2d do.
+    data = write_d4rl(tmp_path / f"{body}-synthetic.hdf5", [40, 15, 70, 9, 33, 25], state_dim=state_dim,
+                      act_dim=act_dim)
+    out = tmp_path / f"{body}.pt"
+    train.main(["--data", str(data), "--max-steps", "20", *TINY, "--out", str(out)])
+    assert torch.load(out, weights_only=True)["env_id"] == env_id
+    capsys.readouterr()
+    evaluate.main([str(out), "--episodes", "3", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert result["env"] == env_id and result["target"] == evaluate.DEFAULT_TARGETS[env_id.split("-")[0]]
+    assert len(result["returns"]) == 3
+
+
+def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
+    """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
+    from the batched rollout must equal those of each episode run alone."""
+    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
+    out = tmp_path / "hopper.pt"
+    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
+    model, ckpt = evaluate.load_checkpoint(out)
+    args = (ckpt["state_mean"], ckpt["state_std"], ckpt["reward_scale"])
+    together = evaluate.rollout(model, "Hopper-v5", 3600, 4, *args, seed=0, progress=False)
+    alone = [evaluate.rollout(model, "Hopper-v5", 3600, 1, *args, seed=i, progress=False)[0] for i in range(4)]
+    np.testing.assert_allclose(together, alone, rtol=1e-4)
+    assert len(set(np.round(together, 3))) == 4
+
+
+def write_minari(path, lengths, seed=0):
+    """The same synthetic episodes in Minari's layout: one group per episode, one extra observation."""
+    flat = write_d4rl(path.with_name("flat-" + path.name), lengths, seed=seed)
+    with h5py.File(flat) as f:
+        arrays = {k: f[k][()] for k in REQUIRED_KEYS}
+    with h5py.File(path, "w") as f:
+        f.attrs["env_spec"] = json.dumps({"id": "HalfCheetah-v5", "max_episode_steps": 1000})
+        for i, (start, n) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths)):
+            ep = f.create_group(f"episode_{i}")
+            last_obs = np.ones((1, S), np.float32)
+            ep["observations"] = np.concatenate([arrays["observations"][start:start + n], last_obs])
+            for ours, theirs in MINARI_KEYS.items():
+                if ours != "observations":
+                    ep[theirs] = arrays[ours][start:start + n]
+            ep.create_group("infos")
+    return path, flat
+
+
+def test_minari_files_load_like_their_d4rl_twin(tmp_path):
+    lengths = [7, 12, 5, 9, 8, 6, 10, 11, 4, 13, 3]  # 11 episodes: episode_10 sorts after episode_9
+    minari, flat = write_minari(tmp_path / "main_data.hdf5", lengths)
+    got, env_id = load_trajectories(minari)
+    want, _ = load_trajectories(flat)
+    assert env_id == "HalfCheetah-v5"
+    for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    with h5py.File(minari, "a") as f:
+        del f["episode_3/actions"]
+        f["episode_3/actions"] = np.zeros((0, A), np.float32)
+    with pytest.raises(DataError, match=r"main_data.hdf5: episode_3: the episode has no steps"):
+        load_trajectories(minari)
+
+
 def test_normalized_score_reference_points():
     assert evaluate.normalized_score("HalfCheetah-v5", 12135.0) == pytest.approx(100.0)
     assert evaluate.normalized_score("HalfCheetah-v5", -280.178953) == pytest.approx(0.0)
@@ -396,13 +503,10 @@ def test_a_checkpoint_cannot_run_code(tmp_path):
     assert not marker.exists()
 
 
-TINY_RUN = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
-
-
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
     # Dropout stays at 0.1, so the global RNG matters as much as the sampler's.
-    run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *TINY_RUN]
+    run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *TINY]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     train.main(run + ["--out", str(straight)])
 
@@ -450,7 +554,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     data = write_d4rl(tmp_path / "halfcheetah-c.hdf5", [50] * 4)
     out = tmp_path / "run.pt"
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--max-steps", "100000",
-                             "--log-every", "1", *TINY_RUN, "--out", str(out)],
+                             "--log-every", "1", *TINY, "--out", str(out)],
                             cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = out.with_suffix(".csv"), time.time() + 90
     while not (log.exists() and len(log.read_text().splitlines()) >= 4):  # a few steps in
@@ -476,7 +580,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     monkeypatch.setattr(train, "action_loss", loss_that_blows_up_at_step_8)
     with pytest.raises(train.TrainingError, match=r"became nan at step 8; stopped \(.*nan.pt keeps step 5\)"):
         train.main(["--data", str(data), "--max-steps", "20", "--log-every", "3", "--save-every", "5",
-                    *TINY_RUN, "--out", str(out)])
+                    *TINY, "--out", str(out)])
     ckpt = torch.load(out, weights_only=True)
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 

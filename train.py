@@ -26,7 +26,7 @@ import download
 from data import DataError, load_trajectories, sample_batch
 from evaluate import (DEFAULT_TARGETS, FORMAT_VERSION, CheckpointError, body, normalized_score,
                       read_checkpoint, rollout)
-from model import DecisionTransformer, DTConfig, configure_optimizer
+from model import DTConfig, build_model, configure_optimizer
 
 DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
 LOG_COLUMNS = ["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"]
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--data", help=f"HDF5 trajectories (default {DEFAULT_DATA}; a missing D4RL file "
                                   f"data/NAME.hdf5 is downloaded)")
     p.add_argument("--env", help="gymnasium env id (default: from the data file)")
+    p.add_argument("--model", default="dt", choices=["dt", "bc"],
+                   help="dt: Decision Transformer; bc: behaviour-cloning MLP baseline (state -> action)")
     p.add_argument("--epochs", type=float, default=120)
     p.add_argument("--max-steps", type=int, help="train this many steps instead of --epochs")
     p.add_argument("--batch-size", type=int, default=64)
@@ -214,10 +216,10 @@ def main(argv=None):
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
     target = args.target or DEFAULT_TARGETS.get(body(env_id), 0.0)
 
-    cfg = DTConfig(state_dim=data.state_dim, act_dim=data.act_dim, context_len=args.context_len,
+    cfg = DTConfig(kind=args.model, state_dim=data.state_dim, act_dim=data.act_dim, context_len=args.context_len,
                    n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
                    max_ep_len=max(1000, int(data.timesteps.max()) + 1))
-    model = DecisionTransformer(cfg).to(device)
+    model = build_model(cfg).to(device)
     optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type=device)
     use_cuda = device == "cuda"
     train_model = torch.compile(model) if use_cuda and not args.no_compile else model
