@@ -10,6 +10,7 @@ model forward for all of them.
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -229,7 +230,7 @@ def main(argv=None):
     if len(results) > 1 and not args.json:
         print_sweep(results)
     if args.plot:
-        plot_sweep(results, args.plot, f"{env_id}, {args.checkpoint}")
+        plot_sweep(results, args.plot, f"{env_id}: {Path(args.checkpoint).name}")
         print(f"plot: {args.plot}", file=sys.stderr if args.json else sys.stdout)
 
 
