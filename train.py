@@ -240,7 +240,7 @@ def main(argv=None):
 
     print(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
           f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}")
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{total_steps} steps ({steps_per_epoch} per epoch)" +
           (f"; resuming at step {start_step}" if saved else ""))
 
