@@ -182,6 +182,11 @@ def plot_sweep(results, path, title):
     targets = [r["target"] for r in results]
     fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
     ax.plot(targets, targets, "--", color="grey", label="achieved = requested")
+    # Each episode as a dot too: on mixed data a policy often picks one of the behaviours it has
+    # seen, and a mean between two clusters describes no episode at all.
+    for r in results:
+        ax.scatter([r["target"]] * len(r["returns"]), r["returns"], s=10, color="black", alpha=0.3,
+                   linewidths=0, label="one episode" if r is results[0] else None)
     ax.errorbar(targets, [r["mean_return"] for r in results], yerr=[r["std_return"] for r in results],
                 marker="o", capsize=3, label=f"achieved (mean ± std, {results[0]['episodes']} episodes)")
     ax.set(xlabel="requested return (target)", ylabel="achieved return", title=title)
