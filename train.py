@@ -299,7 +299,9 @@ def main(argv=None):
             log.writerow(row)
             log_file.flush()
             bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}")
-            if ctrl_c.requested:
+            # `finished`, not ctrl_c.requested: a Ctrl-C that arrives after the save decision
+            # above must wait one more step to be saved, not end the run unsaved.
+            if finished:
                 break
     bar.close()
     if done < total_steps:
