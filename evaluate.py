@@ -3,13 +3,17 @@ Roll a trained Decision Transformer out in its MuJoCo environment, asking it for
 
     python evaluate.py ckpt.pt --target 6000
     python evaluate.py ckpt.pt --target 6000 12000 --episodes 10 --json
+    python evaluate.py ckpt.pt --target 6000 --video cheetah.mp4
 
 All episodes run side by side in a gymnasium vector env, and each environment step is one batched
 model forward for all of them.
 """
 import argparse
 import json
+import os
+import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -56,14 +60,32 @@ def quiet_mujoco():
     mujoco.set_mju_user_warning(warn)
 
 
-def make_envs(env_id, num_envs):
+def make_envs(env_id, num_envs, render=False):
     import gymnasium as gym
 
     quiet_mujoco()
+    # Rendering is set up in every env but costs nothing until render() is called (on env 0 only).
+    # "track" is a side-on camera in each body's XML that follows its centre of mass; the default
+    # camera stands still and HalfCheetah leaves the picture within two seconds.
+    video = dict(render_mode="rgb_array", width=VIDEO_SIZE[0], height=VIDEO_SIZE[1],
+                 camera_name="track") if render else {}
     try:
-        return gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+        envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync", **video)
     except gym.error.Error as e:
         raise CheckpointError(f"cannot make environment {env_id!r}: {e}") from None
+    if render:
+        widen_floor(envs.envs[0].unwrapped.model)
+    return envs
+
+
+def widen_floor(model, half_size=1000.0):
+    """The floor is drawn 40 m wide (20 m for Hopper) and an expert cheetah runs 600 m, so it
+    would run off the picture into empty sky. A plane's size matters only for drawing (it collides
+    as an infinite plane), so widening it, and tiling its texture as often, changes no return."""
+    floor = model.geom("floor")
+    scale = half_size / floor.size[0]
+    floor.size[:2] *= scale
+    model.mat_texrepeat[floor.matid] *= scale
 
 
 def check_env_matches(envs, env_id, cfg):
@@ -77,9 +99,11 @@ def check_env_matches(envs, env_id, cfg):
 
 @torch.no_grad()
 def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale, seed=0,
-            device="cpu", progress=True):
-    """Run `episodes` episodes in parallel; returns their undiscounted returns (np.ndarray)."""
-    envs = make_envs(env_id, episodes)
+            device="cpu", progress=True, frames=None, max_frames=None):
+    """Run `episodes` episodes in parallel; returns their undiscounted returns (np.ndarray).
+    Given a list as `frames`, episode 0 is also rendered into it, one RGB image per step (for its
+    first `max_frames` steps when given: rendering costs more than the rest of a step)."""
+    envs = make_envs(env_id, episodes, render=frames is not None)
     check_env_matches(envs, env_id, model.cfg)
     max_steps = envs.envs[0].spec.max_episode_steps or 1000
     S, A = model.cfg.state_dim, model.cfg.act_dim
@@ -93,6 +117,8 @@ def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale
 
     model.eval()
     obs, _ = envs.reset(seed=seed)
+    if frames is not None:
+        frames.append(envs.envs[0].render())
     for t in tqdm(range(max_steps), desc=f"target {target:g}", leave=False, disable=not progress):
         states[:, t] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
         # The return still to be earned: the target minus what each episode has collected.
@@ -103,6 +129,8 @@ def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale
         actions[:, t] = action
         obs, reward, terminated, truncated, _ = envs.step(action.float().cpu().numpy())
         returns += np.where(done, 0.0, reward)  # a finished episode stops counting
+        if frames is not None and not done[0] and len(frames) < (max_frames or max_steps + 1):
+            frames.append(envs.envs[0].render())
         done |= terminated | truncated
         if done.all():
             break
@@ -146,6 +174,77 @@ def load_checkpoint(path, device="cpu"):
     return model.eval(), ckpt
 
 
+VIDEO_SIZE = (480, 320)  # multiples of 16, which MP4 encoders want
+
+
+def offscreen_gl_backend():
+    """The MUJOCO_GL backend that renders here without a display, or None. EGL drives a GPU and
+    OSMesa renders in software; Mesa's EGL also renders on a CPU. Each is tried in a child process,
+    because PyOpenGL binds to one platform on first import and a failed attempt cannot be undone."""
+    if os.environ.get("MUJOCO_GL"):
+        candidates = [os.environ["MUJOCO_GL"]]
+    else:
+        candidates = ["egl", "osmesa"] if torch.cuda.is_available() else ["osmesa", "egl"]
+    probe = "import mujoco; c = mujoco.GLContext(16, 16); c.make_current(); c.free()"
+    for name in candidates:
+        child = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "MUJOCO_GL": name},
+                               capture_output=True)
+        if child.returncode == 0:
+            return name
+    return None
+
+
+@contextmanager
+def atomic_write(path):
+    """Yield a temporary path beside `path`, renamed over it once written: os.replace is atomic,
+    so an interrupted write leaves the old file (or none), never a truncated one. The temporary
+    name keeps the suffix because writers pick the file format from it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def steps_per_second(env_id):
+    """Environment steps per simulated second: one video frame per step plays in real time."""
+    import gymnasium as gym
+
+    quiet_mujoco()
+    env = gym.make(env_id)
+    fps = env.metadata["render_fps"]
+    env.close()
+    return fps
+
+
+def write_video(frames, path, fps):
+    # 20 fps for HalfCheetah but 125 for Hopper and Walker2d. GIF timing counts hundredths of a
+    # second and players slow down anything much faster, so keep every k-th frame for about
+    # 25 fps; that is plenty to watch a gait.
+    every = max(1, round(fps / 25))
+    frames, fps = frames[::every], fps / every
+    with atomic_write(path) as tmp:
+        if path.suffix == ".gif":
+            write_gif(frames, tmp, fps)
+        else:
+            import imageio.v3 as iio  # installed with gymnasium[mujoco]; MP4 also needs imageio-ffmpeg
+
+            iio.imwrite(tmp, frames, plugin="FFMPEG", fps=fps)
+
+
+def write_gif(frames, path, fps):
+    from PIL import Image  # installed with imageio
+
+    # One palette for the whole clip, taken from the first frame (every frame shows the same
+    # floor, sky and body), and no dithering: dither noise differs from frame to frame and
+    # defeats GIF's compression of what did not change, tripling the file.
+    palette = Image.fromarray(frames[0]).quantize(64, method=Image.Quantize.MEDIANCUT)
+    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
@@ -156,15 +255,49 @@ def parse_args(argv=None):
     p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="draw achieved against requested return")
+    p.add_argument("--video", metavar="FILE.mp4", type=Path,
+                   help="render episode 0 of the first target to an MP4 (or .gif) file")
+    p.add_argument("--video-seconds", type=float, help="keep only the first seconds of the video "
+                   "(default: the whole episode; a short GIF for a web page)")
     args = p.parse_args(argv)
     if args.episodes < 1:
         p.error("--episodes must be at least 1")
+    if args.video_seconds is not None and args.video_seconds <= 0:
+        p.error("--video-seconds must be positive")
+    for flag, path in (("--plot", args.plot), ("--video", args.video)):
+        if path and not Path(path).parent.is_dir():
+            p.error(f"{flag} {path}: no such directory: {Path(path).parent}")
     if args.plot:
-        try:
-            import matplotlib  # noqa: F401  (checked now, not after minutes of rollouts)
-        except ImportError:
-            p.error("--plot needs matplotlib, which is optional: pip install matplotlib")
+        require_matplotlib(p)
+    if args.video:
+        check_video_args(p, args)
     return args
+
+
+def require_matplotlib(parser):
+    try:
+        import matplotlib  # noqa: F401  (checked when the arguments are, not after minutes of work)
+    except ImportError:
+        parser.error("--plot needs matplotlib, which is optional: pip install matplotlib")
+
+
+def check_video_args(parser, args):
+    """Settle the renderer and the file format now, not after minutes of rollouts."""
+    if args.video.suffix not in (".mp4", ".gif"):
+        parser.error(f"--video {args.video}: the file name must end in .mp4 or .gif")
+    backend = offscreen_gl_backend()
+    if backend is None:
+        tried = os.environ.get("MUJOCO_GL") or "osmesa, egl"
+        parser.error(f"--video needs off-screen OpenGL and none works here (tried MUJOCO_GL={tried}): "
+                     "install EGL or OSMesa (Debian/Ubuntu: apt install libegl1 or libosmesa6)")
+    os.environ["MUJOCO_GL"] = backend  # read by gymnasium's renderer when it makes its context
+    if args.video.suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401  (the ffmpeg that imageio writes MP4 with)
+        except ImportError:
+            args.video = args.video.with_suffix(".gif")
+            print(f"no MP4 encoder installed (pip install imageio-ffmpeg): writing {args.video} instead",
+                  file=sys.stderr)
 
 
 def print_sweep(results):
@@ -192,7 +325,8 @@ def plot_sweep(results, path, title):
     ax.set(xlabel="requested return (target)", ylabel="achieved return", title=title)
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
 
 
@@ -209,12 +343,15 @@ def main(argv=None):
     if model.cfg.kind == "bc" and len(targets) > 1:
         print("a BC checkpoint does not condition on a return: evaluating once", file=sys.stderr)
         targets = targets[:1]
+    fps = steps_per_second(env_id) if args.video else None
+    max_frames = round(args.video_seconds * fps) + 1 if args.video and args.video_seconds else None
     results = []
     for target in targets:
+        frames = [] if args.video and not results else None
         try:
             returns = rollout(model, env_id, target, args.episodes, ckpt["state_mean"],
                               ckpt["state_std"], ckpt["reward_scale"], args.seed, device,
-                              progress=not args.json)
+                              progress=not args.json, frames=frames, max_frames=max_frames)
         except CheckpointError as e:  # the env does not fit this checkpoint: name both
             raise CheckpointError(f"{args.checkpoint}: {e}") from None
         result = {
@@ -223,15 +360,19 @@ def main(argv=None):
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
             "normalized_score": normalized_score(env_id, float(returns.mean())),
         }
+        asked = f"target {target:g}" if model.cfg.kind == "dt" else "BC (no target)"
         if args.json:
             print(json.dumps(result), flush=True)
         else:
-            asked = f"target {target:g}" if model.cfg.kind == "dt" else "BC (no target)"
             print(f"{env_id}  {asked}  ({args.episodes} episodes)")
             print("  returns:", " ".join(f"{r:.1f}" for r in returns))
             print(f"  mean {result['mean_return']:.1f} ± {result['std_return']:.1f}   "
                   f"D4RL normalized score {result['normalized_score']:.1f}")
         results.append(result)
+        if frames:
+            write_video(frames, args.video, fps)
+            print(f"video: {args.video} (episode 0, {asked}: return {returns[0]:.1f})",
+                  file=sys.stderr if args.json else sys.stdout)
     if len(results) > 1 and not args.json:
         print_sweep(results)
     if args.plot:

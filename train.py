@@ -4,6 +4,7 @@ Train a Decision Transformer on D4RL-style trajectories.
     python train.py --epochs 120                  # halfcheetah-expert-v2, downloaded when missing
     python train.py --data my.hdf5 --max-steps 2000
     python train.py --resume ckpt.pt              # continue an interrupted run exactly
+    python train.py --plot ckpt.csv               # draw a run's log as ckpt.png
 
 One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps.
 Writes ckpt.pt (model, optimizer, RNG state, config, dataset statistics, step) every --save-every
@@ -12,7 +13,6 @@ steps and at the end, and a CSV log beside it. Ctrl-C saves a checkpoint and exi
 import argparse
 import csv
 import math
-import os
 import signal
 import sys
 import time
@@ -24,8 +24,8 @@ from tqdm import tqdm
 
 import download
 from data import DataError, load_trajectories, sample_batch
-from evaluate import (DEFAULT_TARGETS, FORMAT_VERSION, CheckpointError, body, normalized_score,
-                      read_checkpoint, rollout)
+from evaluate import (DEFAULT_TARGETS, FORMAT_VERSION, CheckpointError, atomic_write, body,
+                      normalized_score, read_checkpoint, require_matplotlib, rollout)
 from model import DTConfig, build_model, configure_optimizer
 
 DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
@@ -66,7 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-episodes", type=int, default=5)
     p.add_argument("--target", type=float, help="return asked for when evaluating (default: per env)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT with its own settings")
+    p.add_argument("--plot", metavar="LOG.csv", type=Path,
+                   help="draw a run's log (loss, learning rate, evaluation score) as LOG.png; no training")
     args = p.parse_args(argv)
+    if args.plot:
+        require_matplotlib(p)
     if args.log_every < 1 or args.save_every < 1:
         p.error("--log-every and --save-every must be at least 1")
     if args.resume:
@@ -129,11 +133,55 @@ def set_rng_state(state, generator):
 
 def save_checkpoint(path, ckpt):
     # Tensors and plain Python values only, so evaluate.py can load it with weights_only=True.
-    # Written beside the target and renamed: os.replace is atomic, so a run killed mid-write
-    # leaves the previous checkpoint intact instead of a truncated file.
-    tmp = Path(str(path) + ".tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    # A run killed mid-write leaves the previous checkpoint intact instead of a truncated file.
+    with atomic_write(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def read_log(path):
+    """A training log's rows as {column: list of floats}; blank cells (no evaluation) are NaN."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise TrainingError(f"{path}: {e.strerror.lower()}") from None
+    except (UnicodeDecodeError, csv.Error):
+        rows = None
+    if not rows or any(c not in rows[0] for c in LOG_COLUMNS):
+        raise TrainingError(f"{path}: not a training log written by train.py (columns {', '.join(LOG_COLUMNS)})")
+    try:
+        return {c: [float(r[c]) if r[c] else math.nan for r in rows] for c in LOG_COLUMNS}
+    except (TypeError, ValueError):
+        raise TrainingError(f"{path}: damaged training log (a cell that is not a number)") from None
+
+
+def plot_log(path):
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    log = read_log(path)
+    evals = [(s, v) for s, v in zip(log["step"], log["eval_score"]) if not math.isnan(v)]
+    panels = 3 if evals else 2
+    fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(6, 2 * panels + 0.6), dpi=120)
+    axes[0].plot(log["step"], log["loss"])
+    # The loss falls by an order of magnitude in the first few hundred steps; a log scale keeps
+    # the slow part of training, where the policy gets good, readable.
+    axes[0].set(yscale="log", ylabel="training loss", title=f"{path.name}: training")
+    axes[1].plot(log["step"], log["lr"])
+    axes[1].set(ylabel="learning rate")
+    if evals:
+        axes[2].plot(*zip(*evals), marker="o")
+        axes[2].set(ylabel="normalized score")
+    axes[-1].set(xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return out
 
 
 def open_log(path, resume_step=None):
@@ -201,6 +249,9 @@ class StopOnCtrlC:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot:
+        print(f"plot: {plot_log(args.plot)}")
+        return
     saved = None
     if args.resume:
         saved, args = resume_run(args)
