@@ -38,16 +38,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask=None):
+    def forward(self, x, attn_mask=None, last_only=False):
+        """Attention output for every position, or with `last_only` for the last one alone."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if last_only:
+            # The last query may see every key, so causality needs no mask; padding still does.
+            q = q[:, :, -1:]
+            attn_mask = None if attn_mask is None else attn_mask[:, :, -1:]
         # Without padding the plain causal kernel is fastest; with padding the caller passes a
         # full boolean mask that is causal *and* hides the padded keys.
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and not last_only,
             dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, q.shape[2], C)
         return self.resid_drop(self.proj(y))
 
 
@@ -66,8 +71,9 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.attn(self.ln_1(x), attn_mask)
+    def forward(self, x, attn_mask=None, last_only=False):
+        y = self.attn(self.ln_1(x), attn_mask, last_only)
+        x = x[:, -y.shape[1]:] + y  # with last_only, only the last position goes on
         return x + self.mlp(self.ln_2(x))
 
 
@@ -117,9 +123,7 @@ class DecisionTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, states, actions, returns_to_go, timesteps, mask=None):
-        """states (B,K,S), actions (B,K,A), returns_to_go (B,K,1), timesteps (B,K) long,
-        mask (B,K) bool, True for real steps (None: all real). Returns actions (B,K,A) in [-1, 1]."""
+    def embed(self, states, actions, returns_to_go, timesteps):
         B, K, _ = states.shape
         time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))
         tokens = torch.stack(
@@ -128,7 +132,13 @@ class DecisionTransformer(nn.Module):
              self.embed_action(actions) + time),
             dim=2,
         ).reshape(B, 3 * K, self.cfg.n_embd)  # interleave: R_1, s_1, a_1, R_2, ...
-        x = self.drop(self.embed_ln(tokens))
+        return self.drop(self.embed_ln(tokens))
+
+    def forward(self, states, actions, returns_to_go, timesteps, mask=None):
+        """states (B,K,S), actions (B,K,A), returns_to_go (B,K,1), timesteps (B,K) long,
+        mask (B,K) bool, True for real steps (None: all real). Returns actions (B,K,A) in [-1, 1]."""
+        B, K, _ = states.shape
+        x = self.embed(states, actions, returns_to_go, timesteps)
         attn_mask = None if mask is None else padded_causal_mask(mask)
         for block in self.blocks:
             x = block(x, attn_mask)
@@ -152,7 +162,16 @@ class DecisionTransformer(nn.Module):
             states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))
             timesteps = F.pad(timesteps, (pad, 0))
             mask = torch.arange(K, device=states.device).expand(states.shape[0], K) >= pad
-        return self(states, actions, returns_to_go, timesteps, mask)[:, -1]
+        # forward(...)[:, -1] computed with a third less work, which is most of an evaluation
+        # step: only the last state token's output is wanted, so the placeholder action token
+        # after it (which no earlier token sees) is dropped, and the last block runs its query,
+        # projection and MLP for that one token.
+        x = self.embed(states, actions, returns_to_go, timesteps)[:, :-1]
+        attn_mask = None if mask is None else padded_causal_mask(mask)[:, :, :-1, :-1]
+        for block in self.blocks[:-1]:
+            x = block(x, attn_mask)
+        x = self.blocks[-1](x, attn_mask, last_only=True)
+        return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
 
 
 class BehaviourCloning(nn.Module):
