@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import bench
 import download
 import evaluate
 import train
@@ -111,6 +112,17 @@ def test_left_padding_gives_the_same_predictions_as_no_padding():
     torch.testing.assert_close(padded[:, K - T:], unpadded, rtol=0, atol=1e-5)
     torch.testing.assert_close(model.get_action(s[:, :T], a[:, :T], r[:, :T], t[:, :T]), unpadded[:, -1],
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 8, 13])  # a first step, a full window, a history longer than K
+def test_get_action_is_the_full_forward_at_the_last_step(T):
+    K = 8
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(state_dim=S, act_dim=A, context_len=K, n_layer=3, n_head=4,
+                                         n_embd=32, dropout=0.0)).eval()
+    s, a, r, t = random_window(4, T)
+    full = model(s[:, -K:], a[:, -K:], r[:, -K:], t[:, -K:])[:, -1]
+    torch.testing.assert_close(model.get_action(s, a, r, t), full, rtol=0, atol=1e-5)
 
 
 def test_weight_decay_only_on_matrices():
@@ -606,6 +618,36 @@ def test_resume_refuses_other_data_and_changed_settings(tmp_path, trained):
     torch.save(plain, tmp_path / "plain.pt")
     with pytest.raises(evaluate.CheckpointError, match="no training state"):
         train.main(["--resume", str(tmp_path / "plain.pt")])
+
+
+def test_torchrun_trains_data_parallel_on_two_cpu_processes(tmp_path):
+    data = write_d4rl(tmp_path / "halfcheetah-ddp.hdf5", [50] * 4)
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}.pt"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        proc = subprocess.run([*(launch if world == 2 else [sys.executable]), "train.py", "--data", str(data),
+                               "--epochs", "2", "--log-every", "2", *TINY, "--out", str(out)],
+                              cwd=HERE, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        runs[world] = proc.stdout, torch.load(out, weights_only=True)
+    # Two processes cover an epoch (200 steps in windows of 4 x batch 8) in half the steps.
+    assert "14 steps (7 per epoch)" in runs[1][0] and "8 steps (4 per epoch)" in runs[2][0]
+    stdout, ckpt = runs[2]
+    assert stdout.count("config:") == 1 and "2 processes" in stdout  # only process 0 speaks
+    assert ckpt["step"] == 8 and len((tmp_path / "world2.csv").read_text().splitlines()) == 1 + 4
+    # Process 1's batches (another seed) reached the weights through the averaged gradients.
+    assert not torch.equal(ckpt["model"]["predict_action.weight"], runs[1][1]["model"]["predict_action.weight"])
+
+
+def test_bench_runs_and_reports_every_figure(capsys):
+    result = bench.main(["--synthetic", "--steps", "2", "--warmup", "1", "--eval-episodes", "1", "2",
+                         "--n-layer", "1", "--n-embd", "32", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    for key in ("train_samples_per_s", "train_steps_per_s", "sampler_ms_per_batch", "eval_env_steps_per_s",
+                "eval_env_steps_per_s_sequential", "peak_mem_mb"):
+        assert result[key] > 0, key
+    assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):

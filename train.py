@@ -5,6 +5,7 @@ Train a Decision Transformer on D4RL-style trajectories.
     python train.py --data my.hdf5 --max-steps 2000
     python train.py --resume ckpt.pt              # continue an interrupted run exactly
     python train.py --plot ckpt.csv               # draw a run's log as ckpt.png
+    torchrun --nproc_per_node 2 train.py ...      # data-parallel over 2 processes (GPUs or CPU)
 
 One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps.
 Writes ckpt.pt (model, optimizer, RNG state, config, dataset statistics, step) every --save-every
@@ -13,13 +14,17 @@ steps and at the end, and a CSV log beside it. Ctrl-C saves a checkpoint and exi
 import argparse
 import csv
 import math
+import os
 import signal
 import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import download
@@ -56,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--dropout", type=float, default=DTConfig.dropout)
     p.add_argument("--gamma", type=float, default=1.0, help="discount for returns-to-go (1: the DT paper)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-amp", action="store_true", help="CUDA: train in fp32 instead of bf16 autocast")
+    p.add_argument("--no-amp", action="store_true",
+                   help="train in fp32 instead of bf16 autocast (CUDA, and CPUs with bf16 arithmetic)")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt.pt", help="checkpoint path; the CSV log goes beside it")
@@ -102,6 +108,65 @@ def action_loss(pred, target, mask):
     """Mean squared error over real (unpadded) steps only."""
     m = mask[..., None].to(pred.dtype)
     return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+
+
+def model_config(args, data):
+    return DTConfig(kind=args.model, state_dim=data.state_dim, act_dim=data.act_dim, context_len=args.context_len,
+                    n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
+                    max_ep_len=max(1000, int(data.timesteps.max()) + 1))
+
+
+def init_distributed(device):
+    """(rank, world size, device). Under torchrun each process trains one replica and DDP
+    averages the gradients (NCCL between GPUs, gloo between CPU processes); alone: (0, 1, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def bf16_is_fast(device):
+    """bf16 autocast speeds up the matmuls on CUDA and on CPUs with bf16 arithmetic (AVX512-BF16,
+    AMX: 1.45x per training step on a 2-core Zen 4); any other CPU would emulate it, slower."""
+    if device.startswith("cuda"):
+        return True
+    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: fp32
+    caps = get_capabilities() if get_capabilities else {}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def setup_training(cfg, args, device):
+    """The model, the callable the training forward goes through (compiled on CUDA, wrapped in DDP
+    under torchrun), the optimizer and the autocast context: one place, so bench.py measures
+    exactly what train.py runs."""
+    model = build_model(cfg).to(device)
+    on_cuda = device.startswith("cuda")
+    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type="cuda" if on_cuda else "cpu")
+    train_model = torch.compile(model) if on_cuda and not args.no_compile else model
+    if dist.is_initialized():
+        train_model = DistributedDataParallel(train_model, device_ids=[device] if on_cuda else None)
+    # bf16 for the matmuls, fp32 weights and optimizer state; action_loss is taken in fp32.
+    amp = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16,
+                         enabled=bf16_is_fast(device) and not args.no_amp)
+    return model, train_model, optimizer, amp
+
+
+def train_step(model, train_model, optimizer, amp, batch, lr, grad_clip):
+    """One optimizer step on one batch; returns the loss as a device tensor (no host sync)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    states, actions, rtg, timesteps, mask = batch
+    with amp:
+        pred = train_model(states, actions, rtg, timesteps, mask)
+    loss = action_loss(pred.float(), actions, mask)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return loss.detach()
 
 
 def mean_finite_loss(losses, first_step, out, saved_step):
@@ -230,6 +295,14 @@ def check_same_data(saved, data, env_id, args):
                               f"({saved['env_id']}, different observation statistics); cannot resume")
 
 
+def agreed(flag, device):
+    """Under torchrun: true on every process if it is true on any. All must stop at the same step,
+    or the ones still training would wait for the others' gradients forever."""
+    flag = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
 class StopOnCtrlC:
     """The first Ctrl-C asks the loop to stop after the current step and save; a second one
     interrupts at once (the last checkpoint on disk stays intact either way)."""
@@ -256,26 +329,27 @@ def main(argv=None):
     if args.resume:
         saved, args = resume_run(args)
     args.data = args.data or DEFAULT_DATA
-    print(f"config: {vars(args)}")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    torch.manual_seed(args.seed)
+    rank, world, device = init_distributed(device)
+    master = rank == 0  # the one process that prints, logs, evaluates and writes the checkpoint
+    say = print if master else (lambda *_: None)
+    say(f"config: {vars(args)}" + (f"; {world} processes" if world > 1 else ""))
+    torch.manual_seed(args.seed)  # the same initial weights in every process
+    if not master:
+        dist.barrier()  # process 0 downloads a missing file first; the others then read it
     data, env_id = load_data(args)
+    if master and world > 1:
+        dist.barrier()
     if saved:
         check_same_data(saved, data, env_id, args)
     data.to(device)  # the whole dataset lives on the training device; batches never cross the bus
-    steps_per_epoch = math.ceil(data.num_steps / (args.batch_size * args.context_len))
+    steps_per_epoch = math.ceil(data.num_steps / (args.batch_size * args.context_len * world))
     total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
     target = args.target or DEFAULT_TARGETS.get(body(env_id), 0.0)
 
-    cfg = DTConfig(kind=args.model, state_dim=data.state_dim, act_dim=data.act_dim, context_len=args.context_len,
-                   n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
-                   max_ep_len=max(1000, int(data.timesteps.max()) + 1))
-    model = build_model(cfg).to(device)
-    optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type=device)
-    use_cuda = device == "cuda"
-    train_model = torch.compile(model) if use_cuda and not args.no_compile else model
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_cuda and not args.no_amp)
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    cfg = model_config(args, data)
+    model, train_model, optimizer, amp = setup_training(cfg, args, device)
+    gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process its own batches
     start_step, elapsed_before = 0, 0.0
     if saved:
         try:
@@ -285,50 +359,53 @@ def main(argv=None):
         except (KeyError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{args.resume}: damaged training state ({type(e).__name__})") from None
         start_step, elapsed_before = saved["step"], saved["elapsed_s"]
+        if rank > 0:  # the checkpoint holds process 0's sampler state; the others draw afresh
+            gen.manual_seed(int(np.random.SeedSequence((args.seed, rank, start_step)).generate_state(1)[0]))
     run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": env_id,
                 "state_mean": data.state_mean.cpu(), "state_std": data.state_std.cpu(),
                 "reward_scale": data.reward_scale, "train_args": vars(args)}
 
-    print(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
-          f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}")
-    print(f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+    say(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
+          f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}"
+          f"{' (bf16 autocast)' if bf16_is_fast(device) and not args.no_amp else ''}")
+    say(f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{total_steps} steps ({steps_per_epoch} per epoch)" +
           (f"; resuming at step {start_step}" if saved else ""))
 
     if start_step >= total_steps:
-        print(f"{args.out} has already finished its {total_steps} steps")
+        say(f"{args.out} has already finished its {total_steps} steps")
         return
     log_path = Path(args.out).with_suffix(".csv")
-    log_file, log = open_log(log_path, start_step if saved else None)
+    log_file, log = open_log(log_path, start_step if saved else None) if master else (open(os.devnull, "w"), None)
     recent = torch.zeros(args.log_every, device=device)  # losses since the last log row, on the device
     n_recent, loss_avg, saved_step = 0, float("nan"), start_step if saved else None
     t0, eval_time = time.time(), 0.0  # elapsed_s in the log is training time, evaluation excluded
     bar = tqdm(range(start_step, total_steps), desc="train", unit="step", dynamic_ncols=True,
-               initial=start_step, total=total_steps)
+               initial=start_step, total=total_steps, disable=not master)
     with StopOnCtrlC() as ctrl_c, log_file:
         for step in bar:
             lr = get_lr(step, total_steps, args.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            states, actions, rtg, timesteps, mask = sample_batch(data, args.batch_size, args.context_len, gen)
-            with amp:
-                pred = train_model(states, actions, rtg, timesteps, mask)
-            loss = action_loss(pred.float(), actions, mask)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            recent[n_recent] = loss.detach()  # no host sync until a log point
+            batch = sample_batch(data, args.batch_size, args.context_len, gen)
+            # Kept on the device: no host sync until a log point.
+            recent[n_recent] = train_step(model, train_model, optimizer, amp, batch, lr, args.grad_clip)
             n_recent += 1
 
             done = step + 1
-            finished = done == total_steps or ctrl_c.requested
+            if world == 1:
+                stop = ctrl_c.requested
+            else:  # agreeing costs a host sync, so the processes agree at log points only
+                stop = done % args.log_every == 0 and agreed(ctrl_c.requested, device)
+            finished = done == total_steps or stop
             evaluating = args.eval_every and (done % args.eval_every == 0 or done == total_steps)
             saving = finished or evaluating or done % args.save_every == 0
             if not (saving or done % args.log_every == 0):
                 continue
             loss_avg = mean_finite_loss(recent[:n_recent].tolist(), done - n_recent + 1, args.out, saved_step)
             n_recent = 0
+            if not master:
+                if finished:
+                    break
+                continue
             row = [done, f"{loss_avg:.5f}", f"{lr:.3g}", "", "", ""]
             if evaluating:
                 t_eval = time.time()
@@ -355,9 +432,12 @@ def main(argv=None):
             if finished:
                 break
     bar.close()
+    if not master:
+        return
     if done < total_steps:
+        launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
         print(f"interrupted: step {saved_step} of {total_steps} saved in {args.out}; "
-              f"continue with: python train.py --resume {args.out}")
+              f"continue with: {launcher} train.py --resume {args.out}")
         return
     rate = (total_steps - start_step) / (elapsed - elapsed_before)
     print(f"done: {total_steps} steps in {elapsed:.0f}s ({rate:.1f} steps/s), final loss {loss_avg:.4f}, "
@@ -371,3 +451,6 @@ if __name__ == "__main__":
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
         sys.exit("interrupted; any checkpoint already written is intact")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,186 @@
+"""
+How fast does this code train and evaluate on this machine? Prints a table (or, with --json,
+one JSON object) of:
+
+  training   samples/s and steps/s of train.py's own step (model, optimizer, sampler, AMP and
+             torch.compile on CUDA), timed after a warm-up; compile time is reported apart
+  sampler    milliseconds per batch for the batch sampler alone
+  evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel, and the
+             same policy run one episode at a time
+  memory     peak resident memory after training (CPU) or peak CUDA memory allocated
+
+    python bench.py                                     # the shared HalfCheetah expert file
+    python bench.py --synthetic --eval-episodes 1 5 10 20 50 --json
+
+The model is untrained: speed does not depend on the weights, and an untrained cheetah's
+episodes last the same 1000 steps. Numbers are only comparable within one machine and session.
+"""
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+import train
+from data import DataError, load_trajectories, sample_batch
+from evaluate import DEFAULT_TARGETS, rollout
+
+DEFAULT_DATA = "../shared/data/halfcheetah-expert.hdf5"
+ENV_ID = "HalfCheetah-v5"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=DEFAULT_DATA, help="HDF5 trajectories to train on")
+    p.add_argument("--synthetic", action="store_true",
+                   help="generate random HalfCheetah-shaped data (1000 episodes of 1000 steps) instead")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=30, help="timed training steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed training steps first (compile happens here)")
+    p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="parallel episodes to time")
+    p.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
+    p.add_argument("--no-amp", action="store_true", help="CUDA: fp32 instead of bf16 autocast")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
+        p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1 or min(args.eval_episodes) < 1:
+        p.error("--steps, --warmup and --eval-episodes must be at least 1")
+    return args
+
+
+def write_synthetic(path, episodes=1000, length=1000, state_dim=17, act_dim=6, seed=0):
+    """Random data of the shape of halfcheetah-expert: what the benchmark costs depends on the
+    sizes, not the values."""
+    rng = np.random.default_rng(seed)
+    n = episodes * length
+    timeouts = np.zeros(n, bool)
+    timeouts[length - 1::length] = True
+    with h5py.File(path, "w") as f:
+        f["observations"] = rng.standard_normal((n, state_dim), dtype=np.float32)
+        f["actions"] = rng.uniform(-1, 1, (n, act_dim)).astype(np.float32)
+        f["rewards"] = rng.uniform(0, 12, n).astype(np.float32)
+        f["terminals"] = np.zeros(n, bool)
+        f["timeouts"] = timeouts
+
+
+def train_args(args):
+    """train.py's own settings, with the model and batch flags given here."""
+    argv = ["--device", args.device] + (["--no-compile"] if args.no_compile else []) + \
+           (["--no-amp"] if args.no_amp else [])
+    for name in ("batch_size", "context_len", "n_layer", "n_head", "n_embd"):
+        if getattr(args, name) is not None:
+            argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
+    return train.parse_args(argv)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_training(data, targs, device, steps, warmup):
+    cfg = train.model_config(targs, data)
+    model, train_model, optimizer, amp = train.setup_training(cfg, targs, device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def run(n):
+        for _ in range(n):
+            batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
+            train.train_step(model, train_model, optimizer, amp, batch, targs.lr, targs.grad_clip)
+        sync(device)
+
+    t0 = time.perf_counter()
+    run(warmup)  # includes torch.compile's tracing and autotuning on CUDA
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    run(steps)
+    step_s = (time.perf_counter() - t0) / steps
+
+    t0 = time.perf_counter()
+    for _ in range(steps * 10):
+        sample_batch(data, targs.batch_size, targs.context_len, gen)
+    sync(device)
+    sampler_s = (time.perf_counter() - t0) / (steps * 10)
+    return model, warmup_s, step_s, sampler_s
+
+
+def env_steps_per_s(model, data, episodes, device, runs=1):
+    """Environment steps per second over `runs` calls of rollout with `episodes` in parallel.
+    HalfCheetah never ends an episode early, so each one is exactly 1000 steps."""
+    t0 = time.perf_counter()
+    for i in range(runs):
+        rollout(model, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, data.state_mean,
+                data.state_std, data.reward_scale, seed=i, device=device, progress=False)
+    return runs * episodes * 1000 / (time.perf_counter() - t0)
+
+
+def peak_memory_mb(device):
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    targs = train_args(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "halfcheetah-synthetic.hdf5" if args.synthetic else Path(args.data)
+        if args.synthetic:
+            write_synthetic(path)
+        data, env_id = load_trajectories(path)
+    if env_id not in (None, ENV_ID) or data.state_dim != 17:
+        raise DataError(f"{path}: bench.py measures HalfCheetah; this is {env_id or 'other'} data")
+    data.to(device)
+    say = (lambda *a: None) if args.json else print
+    say(f"bench: {path.name if not args.synthetic else 'synthetic'} ({data.num_steps} steps), "
+        f"{ENV_ID}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "
+        f"K {targs.context_len}, {targs.n_layer} layers x {targs.n_embd}")
+
+    model, warmup_s, step_s, sampler_s = bench_training(data, targs, device, args.steps, args.warmup)
+    peak_mb = peak_memory_mb(device)
+    model.eval()
+    curve = {n: env_steps_per_s(model, data, n, device) for n in args.eval_episodes}
+    sequential = env_steps_per_s(model, data, 1, device, runs=2)
+
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "train_samples_per_s": targs.batch_size / step_s,
+        "train_steps_per_s": 1 / step_s,
+        "warmup_s": warmup_s,
+        "compiled": device == "cuda" and not args.no_compile,
+        "sampler_ms_per_batch": sampler_s * 1e3,
+        "sampler_share_of_step": sampler_s / step_s,
+        "eval_episodes": max(args.eval_episodes),
+        "eval_env_steps_per_s": curve[max(args.eval_episodes)],
+        "eval_env_steps_per_s_by_episodes": curve,
+        "eval_env_steps_per_s_sequential": sequential,
+        "peak_mem_mb": peak_mb,
+    }
+    if args.json:
+        print(json.dumps(result))
+        return result
+    print(f"train     {result['train_samples_per_s']:9.1f} samples/s  {result['train_steps_per_s']:7.2f} steps/s"
+          f"   (warm-up of {args.warmup} steps{', with compile,' if result['compiled'] else ''} took {warmup_s:.1f} s)")
+    print(f"sampler   {result['sampler_ms_per_batch']:9.3f} ms/batch   "
+          f"{100 * result['sampler_share_of_step']:.1f}% of a training step")
+    for n, rate in curve.items():
+        print(f"eval      {rate:9.0f} env steps/s with {n} episode{'s' if n > 1 else ''} in parallel")
+    print(f"eval      {sequential:9.0f} env steps/s one episode at a time ({result['eval_episodes']} in "
+          f"parallel: {result['eval_env_steps_per_s'] / sequential:.1f}x as fast)")
+    print(f"memory    {peak_mb:9.0f} MB peak {'CUDA allocated' if device == 'cuda' else 'resident (RSS)'}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except DataError as e:
+        sys.exit(f"error: {e}")
