@@ -139,10 +139,11 @@ def main(argv=None):
     if env_id not in (None, ENV_ID) or data.state_dim != 17:
         raise DataError(f"{path}: bench.py measures HalfCheetah; this is {env_id or 'other'} data")
     data.to(device)
+    bf16 = train.bf16_is_fast(device) and not args.no_amp
     say = (lambda *a: None) if args.json else print
     say(f"bench: {path.name if not args.synthetic else 'synthetic'} ({data.num_steps} steps), "
         f"{ENV_ID}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "
-        f"K {targs.context_len}, {targs.n_layer} layers x {targs.n_embd}")
+        f"K {targs.context_len}, {targs.n_layer} layers x {targs.n_embd}, training in {'bf16' if bf16 else 'fp32'}")
 
     model, warmup_s, step_s, sampler_s = bench_training(data, targs, device, args.steps, args.warmup)
     peak_mb = peak_memory_mb(device)
@@ -156,6 +157,7 @@ def main(argv=None):
         "train_steps_per_s": 1 / step_s,
         "warmup_s": warmup_s,
         "compiled": device == "cuda" and not args.no_compile,
+        "bf16": bf16,
         "sampler_ms_per_batch": sampler_s * 1e3,
         "sampler_share_of_step": sampler_s / step_s,
         "eval_episodes": max(args.eval_episodes),
