@@ -447,6 +447,8 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
+        if dist.is_initialized():
+            dist.barrier()  # leave together: a process that quits while another still talks to it aborts
     except (DataError, CheckpointError, TrainingError, download.DownloadError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C
