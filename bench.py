@@ -2,8 +2,9 @@
 How fast does this code train and evaluate on this machine? Prints a table (or, with --json,
 one JSON object) of:
 
-  training   samples/s and steps/s of train.py's own step (model, optimizer, sampler, AMP and
-             torch.compile on CUDA), timed after a warm-up; compile time is reported apart
+  training   samples/s and steps/s of train.py's own step (model, optimizer, sampler, bf16
+             autocast where train.py uses it, torch.compile on CUDA), timed after a warm-up;
+             compile time is reported apart
   sampler    milliseconds per batch for the batch sampler alone
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel, and the
              same policy run one episode at a time
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first (compile happens here)")
     p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="parallel episodes to time")
     p.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
-    p.add_argument("--no-amp", action="store_true", help="CUDA: fp32 instead of bf16 autocast")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32, as train.py --no-amp does")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
         p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
@@ -139,7 +140,7 @@ def main(argv=None):
     if env_id not in (None, ENV_ID) or data.state_dim != 17:
         raise DataError(f"{path}: bench.py measures HalfCheetah; this is {env_id or 'other'} data")
     data.to(device)
-    bf16 = train.bf16_is_fast(device) and not args.no_amp
+    bf16 = train.use_bf16(targs, device)
     say = (lambda *a: None) if args.json else print
     say(f"bench: {path.name if not args.synthetic else 'synthetic'} ({data.num_steps} steps), "
         f"{ENV_ID}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "

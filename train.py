@@ -128,9 +128,12 @@ def init_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def bf16_is_fast(device):
-    """bf16 autocast speeds up the matmuls on CUDA and on CPUs with bf16 arithmetic (AVX512-BF16,
-    AMX: 1.45x per training step on a 2-core Zen 4); any other CPU would emulate it, slower."""
+def use_bf16(args, device):
+    """Train under bf16 autocast unless --no-amp. It speeds up the matmuls on CUDA and on CPUs with
+    bf16 arithmetic (AVX512-BF16, AMX: 1.45x per training step on a 2-core Zen 4); any other CPU
+    would emulate it, slower than fp32."""
+    if args.no_amp:
+        return False
     if device.startswith("cuda"):
         return True
     get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: fp32
@@ -150,7 +153,7 @@ def setup_training(cfg, args, device):
         train_model = DistributedDataParallel(train_model, device_ids=[device] if on_cuda else None)
     # bf16 for the matmuls, fp32 weights and optimizer state; action_loss is taken in fp32.
     amp = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16,
-                         enabled=bf16_is_fast(device) and not args.no_amp)
+                         enabled=use_bf16(args, device))
     return model, train_model, optimizer, amp
 
 
@@ -367,7 +370,7 @@ def main(argv=None):
 
     say(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
           f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}"
-          f"{' (bf16 autocast)' if bf16_is_fast(device) and not args.no_amp else ''}")
+          f"{' (bf16 autocast)' if use_bf16(args, device) else ''}")
     say(f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{total_steps} steps ({steps_per_epoch} per epoch)" +
           (f"; resuming at step {start_step}" if saved else ""))
