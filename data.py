@@ -38,7 +38,8 @@ class Trajectories:
     returns_to_go: torch.Tensor  # (N,) float32, divided by reward_scale
     timesteps: torch.Tensor      # (N,) int64, step index inside its episode
     episode_start: torch.Tensor  # (N,) int64, flat index of the first step of the step's episode
-    episode_returns: np.ndarray  # (E,) float64, undiscounted, unscaled
+    episode_returns: np.ndarray  # (E,) float64, undiscounted, unscaled, true (dense) rewards
+    episodes_in_file: int        # E before keeping only the best episodes
     state_mean: torch.Tensor     # (S,)
     state_std: torch.Tensor      # (S,)
     reward_scale: float
@@ -206,20 +207,54 @@ def returns_to_go(rewards, ends, gamma=1.0):
     return np.array(out)
 
 
-def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE):
+def episode_bounds(ends):
+    """First and last flat index of every episode, from the episode_ends array."""
+    last = np.flatnonzero(ends)
+    return np.concatenate(([0], last[:-1] + 1)), last
+
+
+def keep_best_episodes(arrays, ends, top_pct):
+    """Only the episodes whose return is among the best `top_pct` percent (at least one): the
+    data of "X% BC", behaviour cloning on the best trajectories. Order in the file is kept."""
+    first, last = episode_bounds(ends)
+    returns = np.add.reduceat(arrays["rewards"].astype(np.float64), first)
+    n_keep = max(1, round(len(returns) * top_pct / 100))
+    keep = np.zeros(len(returns), bool)
+    keep[np.argsort(-returns, kind="stable")[:n_keep]] = True  # ties: the earlier episode wins
+    rows = np.repeat(keep, last - first + 1)
+    return {k: a[rows] for k, a in arrays.items()}, ends[rows]
+
+
+def delay_rewards(rewards, ends):
+    """Every reward of an episode moved to its last step, the sum unchanged (the DT paper's
+    delayed-return test). The return-to-go is then the episode's whole return at every step but
+    the last: it still tells a good episode from a bad one, but no step from the next, which is
+    the step-by-step signal that value-based RL propagates with Bellman backups."""
+    first, last = episode_bounds(ends)
+    delayed = np.zeros(len(rewards))
+    delayed[last] = np.add.reduceat(np.asarray(rewards, np.float64), first)
+    return delayed
+
+
+def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE, reward_mode="dense", top_pct=100.0):
+    """Read a file into Trajectories. `top_pct` < 100 keeps only the best episodes (and takes the
+    state statistics from them); reward_mode "delayed" trains on delay_rewards' returns-to-go.
+    Whatever the mode, episode_returns are the true (dense) returns."""
     arrays, env_attr = read_hdf5(path)
-    obs = arrays["observations"].astype(np.float32)
     ends = episode_ends(arrays["terminals"], arrays["timeouts"])
-    end_idx = np.flatnonzero(ends)
-    start_idx = np.concatenate(([0], end_idx[:-1] + 1))
-    lengths = end_idx - start_idx + 1
-    episode_start = np.repeat(start_idx, lengths)
+    episodes_in_file = int(ends.sum())
+    if top_pct < 100:
+        arrays, ends = keep_best_episodes(arrays, ends, top_pct)
+    rewards = delay_rewards(arrays["rewards"], ends) if reward_mode == "delayed" else arrays["rewards"]
+    obs = arrays["observations"].astype(np.float32)
+    start_idx, end_idx = episode_bounds(ends)
+    episode_start = np.repeat(start_idx, end_idx - start_idx + 1)
 
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported below, once
         mean = obs.mean(0)
         std = obs.std(0) + 1e-6  # floor: a constant observation dimension would divide by zero
         states = (obs - mean) / std
-        rtg = (returns_to_go(arrays["rewards"], ends, gamma) / reward_scale).astype(np.float32)
+        rtg = (returns_to_go(rewards, ends, gamma) / reward_scale).astype(np.float32)
         actions = arrays["actions"].astype(np.float32)
     for key, a in (("observations", states), ("observations", std), ("rewards", rtg), ("actions", actions)):
         if not np.isfinite(a).all():  # finite in the file, but beyond float32 once summed or squared
@@ -232,6 +267,7 @@ def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE):
         timesteps=torch.from_numpy(np.arange(len(obs)) - episode_start),
         episode_start=torch.from_numpy(episode_start),
         episode_returns=episode_returns,
+        episodes_in_file=episodes_in_file,
         state_mean=torch.from_numpy(mean),
         state_std=torch.from_numpy(std),
         reward_scale=reward_scale,

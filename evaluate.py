@@ -99,8 +99,9 @@ def check_env_matches(envs, env_id, cfg):
 
 @torch.no_grad()
 def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale, seed=0,
-            device="cpu", progress=True, frames=None, max_frames=None):
+            device="cpu", progress=True, frames=None, max_frames=None, delayed=False):
     """Run `episodes` episodes in parallel; returns their undiscounted returns (np.ndarray).
+    `delayed`: the model was trained on delayed rewards (see data.delay_rewards).
     Given a list as `frames`, episode 0 is also rendered into it, one RGB image per step (for its
     first `max_frames` steps when given: rendering costs more than the rest of a step)."""
     envs = make_envs(env_id, episodes, render=frames is not None)
@@ -121,8 +122,11 @@ def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale
         frames.append(envs.envs[0].render())
     for t in tqdm(range(max_steps), desc=f"target {target:g}", leave=False, disable=not progress):
         states[:, t] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
-        # The return still to be earned: the target minus what each episode has collected.
-        rtg[:, t, 0] = torch.as_tensor((target - returns) / reward_scale, dtype=torch.float32)
+        # The return still to be earned: the target minus what each episode has collected. A model
+        # trained on delayed rewards saw the return-to-go stay at the episode's total until the last
+        # step, so it is held at the target, as in the DT paper's delayed-return evaluation.
+        collected = 0.0 if delayed else returns
+        rtg[:, t, 0] = torch.as_tensor((target - collected) / reward_scale, dtype=torch.float32)
         lo = max(0, t + 1 - model.cfg.context_len)
         action = model.get_action(states[:, lo:t + 1], actions[:, lo:t + 1], rtg[:, lo:t + 1],
                                   timesteps[:, lo:t + 1])
@@ -351,7 +355,8 @@ def main(argv=None):
         try:
             returns = rollout(model, env_id, target, args.episodes, ckpt["state_mean"],
                               ckpt["state_std"], ckpt["reward_scale"], args.seed, device,
-                              progress=not args.json, frames=frames, max_frames=max_frames)
+                              progress=not args.json, frames=frames, max_frames=max_frames,
+                              delayed=ckpt.get("reward_mode") == "delayed")
         except CheckpointError as e:  # the env does not fit this checkpoint: name both
             raise CheckpointError(f"{args.checkpoint}: {e}") from None
         result = {

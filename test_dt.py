@@ -19,8 +19,8 @@ import bench
 import download
 import evaluate
 import train
-from data import (MINARI_KEYS, REQUIRED_KEYS, DataError, episode_ends, load_trajectories, returns_to_go,
-                  sample_batch)
+from data import (MINARI_KEYS, REQUIRED_KEYS, DataError, delay_rewards, episode_ends, load_trajectories,
+                  returns_to_go, sample_batch)
 from model import BehaviourCloning, DecisionTransformer, DTConfig
 
 HERE = Path(__file__).parent
@@ -159,6 +159,46 @@ def test_returns_to_go_match_a_brute_force_sum(gamma):
         for t in range(start, end + 1):
             expected = sum(gamma ** (k - t) * rewards[k] for k in range(t, end + 1))
             assert got[t] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+def test_delayed_rewards_keep_each_episode_total_and_first_return_to_go(tmp_path):
+    lengths = [7, 5, 9, 4]
+    path = write_d4rl(tmp_path / "halfcheetah-x.hdf5", lengths, timeout_last=False)  # partial tail too
+    dense, _ = load_trajectories(path)
+    delayed, _ = load_trajectories(path, reward_mode="delayed")
+    with h5py.File(path) as f:
+        rewards, ends = f["rewards"][()], episode_ends(f["terminals"][()], f["timeouts"][()])
+    moved = delay_rewards(rewards, ends)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    for s, n in zip(starts, lengths):
+        total = rewards[s:s + n].astype(np.float64).sum()
+        assert moved[s:s + n].sum() == pytest.approx(total, rel=1e-12)
+        assert (moved[s:s + n - 1] == 0).all()  # all of it on the last step
+        # The same first return-to-go, then no step-by-step signal until the episode is over.
+        assert delayed.returns_to_go[s].item() == pytest.approx(dense.returns_to_go[s].item(), rel=1e-6)
+        assert (delayed.returns_to_go[s:s + n] == delayed.returns_to_go[s]).all()
+        assert not (dense.returns_to_go[s:s + n] == dense.returns_to_go[s]).all()
+    np.testing.assert_array_equal(delayed.episode_returns, dense.episode_returns)  # true returns
+    assert torch.equal(delayed.states, dense.states) and torch.equal(delayed.actions, dense.actions)
+
+
+def test_top_pct_keeps_the_episodes_with_the_best_returns(tmp_path):
+    lengths = [5, 8, 6, 7, 9, 4, 10, 3, 6, 5]
+    per_step = [3.0, 9.0, 1.0, 7.0, 2.0, 8.0, 0.5, 30.0, 4.0, 6.0]  # returns: lengths * per_step
+    path = write_d4rl(tmp_path / "halfcheetah-x.hdf5", lengths)
+    with h5py.File(path, "a") as f:
+        f["rewards"][:] = np.repeat(per_step, lengths)
+        f["observations"][:, 0] = np.repeat(np.arange(10), lengths)  # each row says its episode
+    returns = np.array(lengths) * per_step  # 15 72 6 49 18 32 5 90 24 30
+    for pct, best in [(30, [1, 3, 7]), (10, [7]), (1, [7]), (100, list(range(10)))]:
+        data, _ = load_trajectories(path, top_pct=pct)
+        np.testing.assert_allclose(data.episode_returns, returns[best])  # in file order
+        assert data.episodes_in_file == 10
+        raw = data.states * data.state_std + data.state_mean  # statistics of the kept rows only
+        assert torch.round(raw[:, 0]).long().tolist() == np.repeat(best, np.array(lengths)[best]).tolist()
+        assert data.episode_start.tolist() == np.repeat(
+            np.concatenate(([0], np.cumsum(np.array(lengths)[best])[:-1])), np.array(lengths)[best]).tolist()
+        assert data.returns_to_go[0].item() == pytest.approx(returns[best[0]] / 1000, rel=1e-6)
 
 
 def test_states_are_normalized_and_returns_scaled(dataset):
@@ -353,6 +393,33 @@ def test_behaviour_cloning_baseline_trains_saves_and_evaluates(tmp_path, capsys)
     evaluate.main([str(out), "--target", "0", "12000", "--episodes", "2", "--json"])
     results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(results) == 1 and results[0]["model"] == "bc" and len(results[0]["returns"]) == 2
+
+
+def test_reward_mode_and_top_pct_reach_training_and_evaluation(tmp_path, capsys, monkeypatch):
+    data = write_d4rl(tmp_path / "halfcheetah-x.hdf5", [100] * 6)
+    weights = {}
+    for model, mode in [("bc", "dense"), ("bc", "delayed"), ("dt", "dense"), ("dt", "delayed")]:
+        out = tmp_path / f"{model}-{mode}.pt"
+        train.main(["--data", str(data), "--model", model, "--reward-mode", mode, "--top-pct", "50",
+                    "--max-steps", "20", *TINY, "--out", str(out)])
+        weights[model, mode] = torch.load(out, weights_only=True)["model"]
+    assert "300 steps in 3 episodes (the best 50% of 6)" in capsys.readouterr().out
+    same = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)  # noqa: E731
+    assert same(weights["bc", "dense"], weights["bc", "delayed"])  # BC never sees a reward
+    assert not same(weights["dt", "dense"], weights["dt", "delayed"])
+
+    # Evaluating a delayed-reward DT holds its return-to-go at the target, as in its training data;
+    # a dense one counts the collected reward down.
+    seen = []
+    get_action = DecisionTransformer.get_action
+    monkeypatch.setattr(DecisionTransformer, "get_action",
+                        lambda self, s, a, r, t: (seen.append(r[:, -1, 0].clone()), get_action(self, s, a, r, t))[1])
+    for mode in ("delayed", "dense"):
+        seen.clear()
+        evaluate.main([str(tmp_path / f"dt-{mode}.pt"), "--target", "5000", "--episodes", "2", "--json"])
+        rtg = torch.stack(seen)
+        assert len(seen) == 1000 and (rtg[0] == 5.0).all()
+        assert (rtg == 5.0).all() == (mode == "delayed")
 
 
 def test_a_target_sweep_prints_a_table_and_draws_it(trained, tmp_path, capsys):

@@ -60,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--n-embd", type=int, default=DTConfig.n_embd)
     p.add_argument("--dropout", type=float, default=DTConfig.dropout)
     p.add_argument("--gamma", type=float, default=1.0, help="discount for returns-to-go (1: the DT paper)")
+    p.add_argument("--reward-mode", default="dense", choices=["dense", "delayed"],
+                   help="delayed: each episode's rewards all arrive at its last step (the sparse-reward test)")
+    p.add_argument("--top-pct", type=float, default=100.0, metavar="X",
+                   help="train only on the episodes whose return is in the top X%% (10 with --model bc: 10%% BC)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-amp", action="store_true",
                    help="train in fp32 instead of bf16 autocast (CUDA, and CPUs with bf16 arithmetic)")
@@ -79,6 +83,8 @@ def parse_args(argv=None):
         require_matplotlib(p)
     if args.log_every < 1 or args.save_every < 1:
         p.error("--log-every and --save-every must be at least 1")
+    if not 0 < args.top_pct <= 100:
+        p.error("--top-pct must be above 0 and at most 100")
     if args.resume:
         extra = flags_given(p, argv) - {"resume", "data"}
         if extra:
@@ -271,7 +277,8 @@ def load_data(args):
         download.check_recorded_sha256(path)
     elif path.stem in download.DATASETS:
         download.download(path.stem, path)
-    data, env_from_file = load_trajectories(path, gamma=args.gamma)
+    data, env_from_file = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode,
+                                            top_pct=args.top_pct)
     env_id = args.env or env_from_file
     if env_id is None:
         raise DataError(f"{path}: cannot tell which environment this data is from; pass --env")
@@ -366,11 +373,13 @@ def main(argv=None):
             gen.manual_seed(int(np.random.SeedSequence((args.seed, rank, start_step)).generate_state(1)[0]))
     run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": env_id,
                 "state_mean": data.state_mean.cpu(), "state_std": data.state_std.cpu(),
-                "reward_scale": data.reward_scale, "train_args": vars(args)}
+                "reward_scale": data.reward_scale, "reward_mode": args.reward_mode, "train_args": vars(args)}
 
-    say(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes, "
-          f"mean return {data.episode_returns.mean():.1f}; env {env_id}; device {device}"
-          f"{' (bf16 autocast)' if use_bf16(args, device) else ''}")
+    kept = f" (the best {args.top_pct:g}% of {data.episodes_in_file})" if args.top_pct < 100 else ""
+    delayed = ", rewards delayed to each episode's end" if args.reward_mode == "delayed" else ""
+    say(f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes{kept}, "
+        f"mean return {data.episode_returns.mean():.1f}{delayed}; env {env_id}; device {device}"
+        f"{' (bf16 autocast)' if use_bf16(args, device) else ''}")
     say(f"model: {args.model}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
           f"{total_steps} steps ({steps_per_epoch} per epoch)" +
           (f"; resuming at step {start_step}" if saved else ""))
@@ -414,7 +423,7 @@ def main(argv=None):
                 t_eval = time.time()
                 returns = rollout(model, env_id, target, args.eval_episodes, data.state_mean,
                                   data.state_std, data.reward_scale, seed=0, device=device,
-                                  progress=False)
+                                  progress=False, delayed=args.reward_mode == "delayed")
                 model.train()
                 row[4:] = [f"{returns.mean():.1f}", f"{normalized_score(env_id, returns.mean()):.1f}"]
                 bar.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
