@@ -213,11 +213,16 @@ def episode_bounds(ends):
     return np.concatenate(([0], last[:-1] + 1)), last
 
 
+def episode_totals(rewards, ends):
+    """Each episode's undiscounted return, summed in float64."""
+    return np.add.reduceat(np.asarray(rewards, np.float64), episode_bounds(ends)[0])
+
+
 def keep_best_episodes(arrays, ends, top_pct):
     """Only the episodes whose return is among the best `top_pct` percent (at least one): the
     data of "X% BC", behaviour cloning on the best trajectories. Order in the file is kept."""
     first, last = episode_bounds(ends)
-    returns = np.add.reduceat(arrays["rewards"].astype(np.float64), first)
+    returns = episode_totals(arrays["rewards"], ends)
     n_keep = max(1, round(len(returns) * top_pct / 100))
     keep = np.zeros(len(returns), bool)
     keep[np.argsort(-returns, kind="stable")[:n_keep]] = True  # ties: the earlier episode wins
@@ -227,12 +232,11 @@ def keep_best_episodes(arrays, ends, top_pct):
 
 def delay_rewards(rewards, ends):
     """Every reward of an episode moved to its last step, the sum unchanged (the DT paper's
-    delayed-return test). The return-to-go is then the episode's whole return at every step but
-    the last: it still tells a good episode from a bad one, but no step from the next, which is
+    delayed-return test). The return-to-go is then the episode's whole return at every one of its
+    steps: it still tells a good episode from a bad one, but no step from the next, which is
     the step-by-step signal that value-based RL propagates with Bellman backups."""
-    first, last = episode_bounds(ends)
     delayed = np.zeros(len(rewards))
-    delayed[last] = np.add.reduceat(np.asarray(rewards, np.float64), first)
+    delayed[episode_bounds(ends)[1]] = episode_totals(rewards, ends)
     return delayed
 
 
@@ -259,7 +263,7 @@ def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE, reward_mode="d
     for key, a in (("observations", states), ("observations", std), ("rewards", rtg), ("actions", actions)):
         if not np.isfinite(a).all():  # finite in the file, but beyond float32 once summed or squared
             raise DataError(f"{path}: key '{key}' has values too large to train on")
-    episode_returns = np.add.reduceat(arrays["rewards"].astype(np.float64), start_idx)
+    episode_returns = episode_totals(arrays["rewards"], ends)
     data = Trajectories(
         states=torch.from_numpy(states),
         actions=torch.from_numpy(actions),
