@@ -123,7 +123,7 @@ def rollout(model, env_id, target, episodes, state_mean, state_std, reward_scale
     for t in tqdm(range(max_steps), desc=f"target {target:g}", leave=False, disable=not progress):
         states[:, t] = (torch.as_tensor(obs, dtype=torch.float32, device=device) - mean) / std
         # The return still to be earned: the target minus what each episode has collected. A model
-        # trained on delayed rewards saw the return-to-go stay at the episode's total until the last
+        # trained on delayed rewards saw the return-to-go stay at the episode's total at every
         # step, so it is held at the target, as in the DT paper's delayed-return evaluation.
         collected = 0.0 if delayed else returns
         rtg[:, t, 0] = torch.as_tensor((target - collected) / reward_scale, dtype=torch.float32)
