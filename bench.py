@@ -10,7 +10,7 @@ one JSON object) of:
              same policy run one episode at a time
   memory     peak resident memory after training (CPU) or peak CUDA memory allocated
 
-    python bench.py                                     # the shared HalfCheetah expert file
+    python bench.py                                     # data/halfcheetah-expert-v2.hdf5
     python bench.py --synthetic --eval-episodes 1 5 10 20 50 --json
 
 The model is untrained: speed does not depend on the weights, and an untrained cheetah's
@@ -29,16 +29,18 @@ import numpy as np
 import torch
 
 import train
-from data import DataError, load_trajectories, sample_batch
-from evaluate import DEFAULT_TARGETS, rollout
+from checkpoint import RunError, resolve_device
+from data import load_trajectories, sample_batch
+from datafiles import DataError
+from rollout import DEFAULT_TARGETS, rollout
 
-DEFAULT_DATA = "../shared/data/halfcheetah-expert.hdf5"
 ENV_ID = "HalfCheetah-v5"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=DEFAULT_DATA, help="HDF5 trajectories to train on")
+    p.add_argument("--data", default=train.DEFAULT_DATA, help="HalfCheetah trajectories to train on "
+                   "(default: train.py's, python download.py halfcheetah-expert-v2 fetches it)")
     p.add_argument("--synthetic", action="store_true",
                    help="generate random HalfCheetah-shaped data (1000 episodes of 1000 steps) instead")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -94,7 +96,7 @@ def bench_training(data, targs, device, steps, warmup):
     def run(n):
         for _ in range(n):
             batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
-            train.train_step(model, train_model, optimizer, amp, batch, targs.lr, targs.grad_clip)
+            train.train_step(model, train_model, optimizer, amp, batch, targs.lr, targs)
         sync(device)
 
     t0 = time.perf_counter()
@@ -117,8 +119,7 @@ def env_steps_per_s(model, data, episodes, device, runs=1):
     HalfCheetah never ends an episode early, so each one is exactly 1000 steps."""
     t0 = time.perf_counter()
     for i in range(runs):
-        rollout(model, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, data.state_mean,
-                data.state_std, data.reward_scale, seed=i, device=device, progress=False)
+        rollout(model, data.norm, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, seed=i, progress=False)
     return runs * episodes * 1000 / (time.perf_counter() - t0)
 
 
@@ -130,12 +131,15 @@ def peak_memory_mb(device):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     targs = train_args(args)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "halfcheetah-synthetic.hdf5" if args.synthetic else Path(args.data)
         if args.synthetic:
             write_synthetic(path)
+        elif not path.exists():
+            raise DataError(f"{path}: no such file; download it with python download.py halfcheetah-expert-v2, "
+                            f"point --data at a HalfCheetah file, or time random data with --synthetic")
         data, env_id = load_trajectories(path)
     if env_id not in (None, ENV_ID) or data.state_dim != 17:
         raise DataError(f"{path}: bench.py measures HalfCheetah; this is {env_id or 'other'} data")
@@ -185,5 +189,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except DataError as e:
+    except (DataError, RunError) as e:
         sys.exit(f"error: {e}")

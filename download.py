@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data import DataError, read_hdf5
+from datafiles import DataError, read_hdf5
 
 BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 BODIES = ("halfcheetah", "hopper", "walker2d")
@@ -137,6 +137,16 @@ def download(name, dest=None, url=None, timeout=30, retries=5, backoff=2.0):
     if dest.exists():
         check_recorded_sha256(dest)
         return dest
+    made_folder = not dest.parent.exists()
+    try:
+        return fetch_and_verify(url, dest, timeout, retries, backoff)
+    except DownloadError:
+        if made_folder and dest.parent.is_dir() and not any(dest.parent.iterdir()):
+            dest.parent.rmdir()  # a failed download leaves nothing behind, not even an empty data/
+        raise
+
+
+def fetch_and_verify(url, dest, timeout, retries, backoff):
     part = Path(str(dest) + ".part")
     for attempt in range(retries + 1):
         try:
@@ -165,7 +175,9 @@ def download(name, dest=None, url=None, timeout=30, retries=5, backoff=2.0):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    names = "\n".join(f"  {b}-{{{','.join(QUALITIES)}}}-v2" for b in BODIES)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=f"datasets (NAME):\n{names}")
     p.add_argument("name", choices=sorted(DATASETS), metavar="NAME", help="e.g. halfcheetah-expert-v2")
     p.add_argument("--url", help="download from this address instead of D4RL's")
     p.add_argument("--out", help="destination file (default data/NAME.hdf5)")

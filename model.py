@@ -1,11 +1,18 @@
 """
 A Decision Transformer (Chen et al. 2021, arXiv:2106.01345), written out by hand.
 
-A trajectory is read as a sequence of (return-to-go, state, action) triples. A causal transformer
-over the interleaved tokens R_1, s_1, a_1, R_2, s_2, a_2, ... predicts each action a_t from the
-hidden state at the s_t token, which has seen R_1..R_t, s_1..s_t and a_1..a_{t-1} but not a_t.
-Asking for a high return-to-go at test time is what makes the policy act like the best
-trajectories in the data.
+A trajectory is read as a sequence of (return-to-go, state, action) triples. R_t, the return still
+to be collected from step t on, is what the user asks for at test time. The three tokens of each
+step are interleaved, and a causal transformer predicts each action a_t from the hidden state at
+the s_t token:
+
+    token:     R_1  s_1  a_1  R_2  s_2  a_2  ...  R_K  s_K  a_K
+    predicts:       a_1            a_2                 a_K
+
+    what the s_2 token may see:  R_1 s_1 a_1 R_2 s_2   (everything up to itself, never a_2)
+
+So a_t is chosen from the returns asked for, the states seen and the actions taken so far. Asking
+for a high return at test time is what makes the policy act like the best trajectories in the data.
 """
 import math
 from dataclasses import dataclass
@@ -14,10 +21,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from iql import IQL  # the value-based baseline, in a file of its own beside the DT
 
 @dataclass
 class DTConfig:
-    kind: str = "dt"  # "dt": the Decision Transformer; "bc": the behaviour-cloning baseline
+    kind: str = "dt"  # "dt": the Decision Transformer; the baselines "bc" (behaviour cloning), "iql"
     state_dim: int = 17
     act_dim: int = 6
     context_len: int = 20  # K: timesteps per window, so 3K tokens
@@ -40,19 +48,20 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x, attn_mask=None, last_only=False):
         """Attention output for every position, or with `last_only` for the last one alone."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
+        B, T, C = x.shape  # batch, tokens (3K), embedding width
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        # (B, T, C) -> (B, nh, T, hs): each head attends on its own slice of the channels.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if last_only:
             # The last query may see every key, so causality needs no mask; padding still does.
-            q = q[:, :, -1:]
+            q = q[:, :, -1:]  # (B, nh, 1, hs)
             attn_mask = None if attn_mask is None else attn_mask[:, :, -1:]
         # Without padding the plain causal kernel is fastest; with padding the caller passes a
         # full boolean mask that is causal *and* hides the padded keys.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and not last_only,
-            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).contiguous().view(B, q.shape[2], C)
+            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, Tq, hs), Tq = T or 1
+        y = y.transpose(1, 2).contiguous().view(B, q.shape[2], C)  # heads side by side again: (B, Tq, C)
         return self.resid_drop(self.proj(y))
 
 
@@ -198,7 +207,7 @@ class BehaviourCloning(nn.Module):
 
 
 def build_model(cfg):
-    return BehaviourCloning(cfg) if cfg.kind == "bc" else DecisionTransformer(cfg)
+    return {"dt": DecisionTransformer, "bc": BehaviourCloning, "iql": IQL}[cfg.kind](cfg)
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999), device_type="cpu"):

@@ -1,4 +1,7 @@
-"""Tests: CPU only, no network, small synthetic data made under pytest's tmp_path."""
+"""Tests: CPU only, no network, small synthetic data made under pytest's tmp_path.
+
+Organised by the file under test, in the reading order (model, data, train, evaluate, then the
+helpers beside them); the first tests are the Decision Transformer's specification."""
 import csv
 import hashlib
 import http.server
@@ -16,15 +19,21 @@ import pytest
 import torch
 
 import bench
+import checkpoint
 import download
 import evaluate
+import plot
+import rollout
 import train
-from data import (MINARI_KEYS, REQUIRED_KEYS, DataError, delay_rewards, episode_ends, load_trajectories,
-                  returns_to_go, sample_batch)
-from model import BehaviourCloning, DecisionTransformer, DTConfig
+import video
+from checkpoint import CheckpointError, RunError
+from data import delay_rewards, episode_ends, load_trajectories, returns_to_go, sample_batch
+from datafiles import MINARI_KEYS, REQUIRED_KEYS, DataError
+from model import BehaviourCloning, DecisionTransformer, DTConfig, configure_optimizer
 
 HERE = Path(__file__).parent
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
+TINY = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
 
 
 def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True, state_dim=S, act_dim=A):
@@ -52,6 +61,61 @@ def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True, state_
     return path
 
 
+def write_minari(path, lengths, seed=0):
+    """The same synthetic episodes in Minari's layout: one group per episode, one extra observation."""
+    flat = write_d4rl(path.with_name("flat-" + path.name), lengths, seed=seed)
+    with h5py.File(flat) as f:
+        arrays = {k: f[k][()] for k in REQUIRED_KEYS}
+    with h5py.File(path, "w") as f:
+        f.attrs["env_spec"] = json.dumps({"id": "HalfCheetah-v5", "max_episode_steps": 1000})
+        for i, (start, n) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths)):
+            ep = f.create_group(f"episode_{i}")
+            last_obs = np.ones((1, S), np.float32)
+            ep["observations"] = np.concatenate([arrays["observations"][start:start + n], last_obs])
+            for ours, theirs in MINARI_KEYS.items():
+                if ours != "observations":
+                    ep[theirs] = arrays[ours][start:start + n]
+            ep.create_group("infos")
+    return path, flat
+
+
+def tiny_model(K=8, dropout=0.0):
+    torch.manual_seed(0)
+    return DecisionTransformer(DTConfig(state_dim=S, act_dim=A, context_len=K, n_layer=2, n_head=2,
+                                        n_embd=32, dropout=dropout)).eval()
+
+
+def random_window(B, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, K, S, generator=g), torch.rand(B, K, A, generator=g) * 2 - 1,
+            torch.randn(B, K, 1, generator=g), torch.randint(0, 1000, (B, K), generator=g))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(proc, *words):
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(w in last for w in words), proc.stderr
+
+
+
+def assert_usage_error(proc, *words):
+    """argparse's way: the usage line, then one line `PROG: error: ...`, exit status 2."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "error: " in last and all(w in last for w in words), proc.stderr
+
+def edited_checkpoint(src, dest, **changes):
+    ckpt = torch.load(src, weights_only=True)
+    ckpt.update(changes)
+    torch.save(ckpt, dest)
+    return str(dest)
+
+
 @pytest.fixture
 def dataset(tmp_path):
     return write_d4rl(tmp_path / "halfcheetah-synthetic.hdf5", [60, 45, 80, 30, 50])
@@ -69,19 +133,9 @@ def trained(tmp_path_factory):
     return out
 
 
-def tiny_model(K=8, dropout=0.0):
-    torch.manual_seed(0)
-    return DecisionTransformer(DTConfig(state_dim=S, act_dim=A, context_len=K, n_layer=2, n_head=2,
-                                        n_embd=32, dropout=dropout)).eval()
 
 
-def random_window(B, K, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, K, S, generator=g), torch.rand(B, K, A, generator=g) * 2 - 1,
-            torch.randn(B, K, 1, generator=g), torch.randint(0, 1000, (B, K), generator=g))
-
-
-# --- model -----------------------------------------------------------------------------------------
+# --- model.py: the DT's specification first ---------------------------------------------------
 
 def test_changing_later_tokens_never_changes_earlier_predictions():
     model, K, j = tiny_model(), 8, 5
@@ -126,13 +180,15 @@ def test_get_action_is_the_full_forward_at_the_last_step(T):
 
 
 def test_weight_decay_only_on_matrices():
-    opt = train.configure_optimizer(tiny_model(), 1e-3, 0.1)
+    opt = configure_optimizer(tiny_model(), 1e-3, 0.1)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
 
 
-# --- data ------------------------------------------------------------------------------------------
+
+
+# --- data.py ----------------------------------------------------------------------------------
 
 def test_episodes_split_on_terminals_and_timeouts_and_keep_a_partial_tail(tmp_path):
     lengths = [7, 5, 9, 4]
@@ -194,7 +250,7 @@ def test_top_pct_keeps_the_episodes_with_the_best_returns(tmp_path):
         data, _ = load_trajectories(path, top_pct=pct)
         np.testing.assert_allclose(data.episode_returns, returns[best])  # in file order
         assert data.episodes_in_file == 10
-        raw = data.states * data.state_std + data.state_mean  # statistics of the kept rows only
+        raw = data.states * data.norm.state_std + data.norm.state_mean  # statistics of the kept rows only
         assert torch.round(raw[:, 0]).long().tolist() == np.repeat(best, np.array(lengths)[best]).tolist()
         assert data.episode_start.tolist() == np.repeat(
             np.concatenate(([0], np.cumsum(np.array(lengths)[best])[:-1])), np.array(lengths)[best]).tolist()
@@ -238,6 +294,10 @@ def test_windows_hold_the_right_rows_and_pad_only_before_the_episode_start(datas
         start = int(torch.nonzero((data.timesteps == t[-1]) & (data.states == row_s[-1]).all(1))[0])
         torch.testing.assert_close(row_s[K - n:], data.states[start - n + 1:start + 1])
 
+
+
+
+# --- datafiles.py: reading and checking files -------------------------------------------------
 
 @pytest.mark.parametrize("make_bad, problem", [
     (lambda p: None, "no such file"),
@@ -325,12 +385,29 @@ def test_hundreds_of_mutated_files_load_or_fail_with_one_line(tmp_path):
             continue
         loaded += 1
         assert len(data.actions) == len(data.states) == len(data.returns_to_go) == data.num_steps > 0
-        for t in (data.states, data.actions, data.returns_to_go, data.state_mean, data.state_std):
+        for t in (data.states, data.actions, data.returns_to_go, data.norm.state_mean, data.norm.state_std):
             assert torch.isfinite(t).all(), path
     assert 0 < loaded < len(files)  # both outcomes happened: the mutations reach data and metadata
 
 
-# --- training, checkpoints, evaluation -------------------------------------------------------------
+def test_minari_files_load_like_their_d4rl_twin(tmp_path):
+    lengths = [7, 12, 5, 9, 8, 6, 10, 11, 4, 13, 3]  # 11 episodes: episode_10 sorts after episode_9
+    minari, flat = write_minari(tmp_path / "main_data.hdf5", lengths)
+    got, env_id = load_trajectories(minari)
+    want, _ = load_trajectories(flat)
+    assert env_id == "HalfCheetah-v5"
+    for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    with h5py.File(minari, "a") as f:
+        del f["episode_3/actions"]
+        f["episode_3/actions"] = np.zeros((0, A), np.float32)
+    with pytest.raises(DataError, match=r"main_data.hdf5: episode_3: the episode has no steps"):
+        load_trajectories(minari)
+
+
+
+
+# --- train.py ---------------------------------------------------------------------------------
 
 def test_lr_schedule_warms_up_then_decays():
     lrs = [train.get_lr(s, 100, 1e-3) for s in range(100)]
@@ -345,35 +422,6 @@ def test_a_few_training_steps_lower_the_loss(trained):
     assert losses[-1] < 0.6 * losses[0]
 
 
-def test_checkpoint_round_trip(trained):
-    model, ckpt = evaluate.load_checkpoint(trained)
-    assert ckpt["step"] == 80 and ckpt["env_id"] == "HalfCheetah-v5" and ckpt["reward_scale"] == 1000.0
-    assert ckpt["model_config"]["context_len"] == 5 and ckpt["train_args"]["batch_size"] == 16
-    assert ckpt["state_mean"].shape == (S,) and "state" in ckpt["optimizer"]
-    raw = torch.load(trained, weights_only=True)
-    for name, tensor in model.state_dict().items():
-        assert torch.equal(tensor, raw["model"][name])
-    s, a, r, t = random_window(2, 5)
-    fresh = DecisionTransformer(DTConfig(**ckpt["model_config"])).eval()
-    fresh.load_state_dict(raw["model"])
-    torch.testing.assert_close(model(s, a, r, t), fresh(s, a, r, t))
-    assert not list(trained.parent.glob(".*partial*"))  # the atomic write left nothing behind
-
-
-def test_rollout_in_halfcheetah_reports_returns_and_normalized_score(trained, capsys):
-    evaluate.main([str(trained), "--target", "3000", "6000", "--episodes", "2", "--json"])
-    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["target"] for r in results] == [3000, 6000]
-    for r in results:
-        assert r["env"] == "HalfCheetah-v5" and r["episodes"] == 2 and len(r["returns"]) == 2
-        assert r["mean_return"] == pytest.approx(np.mean(r["returns"]), abs=0.01)
-        assert r["normalized_score"] == pytest.approx(
-            100 * (r["mean_return"] + 280.178953) / (12135.0 + 280.178953))
-
-
-TINY = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
-
-
 def test_behaviour_cloning_baseline_trains_saves_and_evaluates(tmp_path, capsys):
     data = write_d4rl(tmp_path / "halfcheetah-bc.hdf5", [200] * 6)
     out = tmp_path / "bc.pt"
@@ -382,7 +430,7 @@ def test_behaviour_cloning_baseline_trains_saves_and_evaluates(tmp_path, capsys)
     with open(out.with_suffix(".csv")) as f:
         losses = [float(row["loss"]) for row in csv.DictReader(f)]
     assert losses[-1] < 0.5 * losses[0]
-    model, ckpt = evaluate.load_checkpoint(out)
+    model, _, ckpt = checkpoint.load_checkpoint(out)
     assert isinstance(model, BehaviourCloning) and ckpt["model_config"]["kind"] == "bc"
     # The action depends on the current state only: history and return-to-go are ignored.
     s, a, r, t = random_window(3, 5)
@@ -422,82 +470,6 @@ def test_reward_mode_and_top_pct_reach_training_and_evaluation(tmp_path, capsys,
         assert (rtg == 5.0).all() == (mode == "delayed")
 
 
-def test_a_target_sweep_prints_a_table_and_draws_it(trained, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "sweep.png"
-    evaluate.main([str(trained), "--target", "0", "3000", "6000", "--episodes", "2", "--plot", str(png)])
-    out = capsys.readouterr().out
-    table = out[out.index("achieved (mean ± std)"):].splitlines()[1:4]
-    assert [line.split()[0] for line in table] == ["0", "3000", "6000"]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-
-
-def test_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, capsys, monkeypatch):
-    png = tmp_path / "sweep.png"
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    with pytest.raises(SystemExit) as exit_:
-        evaluate.parse_args([str(trained), "--plot", str(png)])
-    assert exit_.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
-
-
-def test_video_renders_the_first_episode_without_changing_its_return(trained, tmp_path, capsys, monkeypatch):
-    backend = evaluate.offscreen_gl_backend()
-    if backend is None:
-        pytest.skip("no off-screen OpenGL here (neither EGL nor OSMesa works)")
-    monkeypatch.setenv("MUJOCO_GL", backend)
-    gif = tmp_path / "cheetah.gif"
-    evaluate.main([str(trained), "--target", "3000", "--episodes", "2", "--video", str(gif),
-                   "--video-seconds", "0.25"])
-    out = capsys.readouterr().out
-    first_return = out.split("returns:")[1].split()[0]
-    assert f"video: {gif} (episode 0, target 3000: return {first_return})" in out
-    from PIL import Image
-    with Image.open(gif) as image:  # 0.25 s at HalfCheetah's 20 steps/s, plus the reset frame
-        assert image.format == "GIF" and image.size == evaluate.VIDEO_SIZE and image.n_frames == 6
-        image.seek(5)
-        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
-        assert len(np.unique(pixels, axis=0)) > 5  # a picture, not a blank frame
-    # Widening the floor for the camera must not change the physics.
-    evaluate.main([str(trained), "--target", "3000", "--episodes", "2", "--json"])
-    assert json.loads(capsys.readouterr().out)["returns"][0] == pytest.approx(float(first_return), abs=0.06)
-
-
-def test_video_arguments_are_checked_before_any_rollout(trained, tmp_path, capsys, monkeypatch):
-    def error_of(*args):
-        with pytest.raises(SystemExit) as exit_:
-            evaluate.parse_args([str(trained), *args])
-        assert exit_.value.code == 2
-        return capsys.readouterr().err
-
-    assert "must end in .mp4 or .gif" in error_of("--video", str(tmp_path / "x.avi"))
-    assert "no such directory" in error_of("--video", str(tmp_path / "missing" / "x.gif"))
-    assert "must be positive" in error_of("--video", str(tmp_path / "x.gif"), "--video-seconds", "0")
-    monkeypatch.setattr(evaluate, "offscreen_gl_backend", lambda: None)
-    assert "apt install libegl1 or libosmesa6" in error_of("--video", str(tmp_path / "x.gif"))
-    monkeypatch.setattr(evaluate, "offscreen_gl_backend", lambda: "egl")
-    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if it were not installed
-    monkeypatch.setenv("MUJOCO_GL", "egl")  # parse_args sets it; monkeypatch puts it back
-    args = evaluate.parse_args([str(trained), "--video", str(tmp_path / "x.mp4")])
-    assert args.video == tmp_path / "x.gif" and "pip install imageio-ffmpeg" in capsys.readouterr().err
-
-
-def test_training_log_is_drawn_as_a_png_beside_it(trained, tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    log = tmp_path / "run.csv"
-    rows = trained.with_suffix(".csv").read_text().splitlines()
-    rows[4] = rows[4].rstrip(",") + ",1234.5,12.1"  # an evaluation row, as --eval-every writes
-    log.write_text("\n".join(rows) + "\n")
-    train.main(["--plot", str(log)])
-    assert capsys.readouterr().out.strip() == f"plot: {tmp_path / 'run.png'}"
-    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert train.read_log(log)["eval_score"][3] == 12.1
-    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(train.TrainingError, match="not a training log"):
-        train.main(["--plot", str(tmp_path / "notes.csv")])
-    with pytest.raises(train.TrainingError, match="no such file"):
-        train.main(["--plot", str(tmp_path / "missing.csv")])
-
-
 @pytest.mark.parametrize("body, env_id, state_dim, act_dim", [
     ("hopper", "Hopper-v5", 11, 3), ("walker2d", "Walker2d-v5", 17, 6)])
 def test_hopper_and_walker_train_and_evaluate_with_early_terminations(tmp_path, capsys, body, env_id,
@@ -511,134 +483,18 @@ def test_hopper_and_walker_train_and_evaluate_with_early_terminations(tmp_path, 
     capsys.readouterr()
     evaluate.main([str(out), "--episodes", "3", "--json"])
     result = json.loads(capsys.readouterr().out)
-    assert result["env"] == env_id and result["target"] == evaluate.DEFAULT_TARGETS[env_id.split("-")[0]]
+    assert result["env"] == env_id and result["target"] == rollout.DEFAULT_TARGETS[env_id.split("-")[0]]
     assert len(result["returns"]) == 3
 
 
-def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
-    """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
-    from the batched rollout must equal those of each episode run alone."""
-    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
-    out = tmp_path / "hopper.pt"
-    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
-    model, ckpt = evaluate.load_checkpoint(out)
-    args = (ckpt["state_mean"], ckpt["state_std"], ckpt["reward_scale"])
-    together = evaluate.rollout(model, "Hopper-v5", 3600, 4, *args, seed=0, progress=False)
-    alone = [evaluate.rollout(model, "Hopper-v5", 3600, 1, *args, seed=i, progress=False)[0] for i in range(4)]
-    np.testing.assert_allclose(together, alone, rtol=1e-4)
-    assert len(set(np.round(together, 3))) == 4
 
-
-def write_minari(path, lengths, seed=0):
-    """The same synthetic episodes in Minari's layout: one group per episode, one extra observation."""
-    flat = write_d4rl(path.with_name("flat-" + path.name), lengths, seed=seed)
-    with h5py.File(flat) as f:
-        arrays = {k: f[k][()] for k in REQUIRED_KEYS}
-    with h5py.File(path, "w") as f:
-        f.attrs["env_spec"] = json.dumps({"id": "HalfCheetah-v5", "max_episode_steps": 1000})
-        for i, (start, n) in enumerate(zip(np.cumsum([0, *lengths[:-1]]), lengths)):
-            ep = f.create_group(f"episode_{i}")
-            last_obs = np.ones((1, S), np.float32)
-            ep["observations"] = np.concatenate([arrays["observations"][start:start + n], last_obs])
-            for ours, theirs in MINARI_KEYS.items():
-                if ours != "observations":
-                    ep[theirs] = arrays[ours][start:start + n]
-            ep.create_group("infos")
-    return path, flat
-
-
-def test_minari_files_load_like_their_d4rl_twin(tmp_path):
-    lengths = [7, 12, 5, 9, 8, 6, 10, 11, 4, 13, 3]  # 11 episodes: episode_10 sorts after episode_9
-    minari, flat = write_minari(tmp_path / "main_data.hdf5", lengths)
-    got, env_id = load_trajectories(minari)
-    want, _ = load_trajectories(flat)
-    assert env_id == "HalfCheetah-v5"
-    for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
-    with h5py.File(minari, "a") as f:
-        del f["episode_3/actions"]
-        f["episode_3/actions"] = np.zeros((0, A), np.float32)
-    with pytest.raises(DataError, match=r"main_data.hdf5: episode_3: the episode has no steps"):
-        load_trajectories(minari)
-
-
-def test_normalized_score_reference_points():
-    assert evaluate.normalized_score("HalfCheetah-v5", 12135.0) == pytest.approx(100.0)
-    assert evaluate.normalized_score("HalfCheetah-v5", -280.178953) == pytest.approx(0.0)
-    assert evaluate.normalized_score("Hopper-v5", 3234.3) == pytest.approx(100.0)
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(proc, *words):
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and all(w in last for w in words), proc.stderr
-
-
-def test_cli_errors_are_one_line(tmp_path, trained):
-    missing = tmp_path / "nope.hdf5"
-    assert_one_line_error(run_cli("train.py", "--data", str(missing)), str(missing), "no such file")
-    junk = tmp_path / "junk.hdf5"
-    junk.write_bytes(b"\x00garbage" * 100)
-    assert_one_line_error(run_cli("train.py", "--data", str(junk)), str(junk), "HDF5")
-    foreign = tmp_path / "foreign.hdf5"
-    with h5py.File(foreign, "w") as f:
-        f["pixels"] = np.zeros((4, 3))
-    assert_one_line_error(run_cli("train.py", "--data", str(foreign)), str(foreign), "observations")
-    assert_one_line_error(run_cli("evaluate.py", str(junk)), str(junk), "not a readable checkpoint")
-    assert_one_line_error(run_cli("evaluate.py", str(tmp_path / "none.pt")), "no such file")
-
-
-def edited_checkpoint(src, dest, **changes):
-    ckpt = torch.load(src, weights_only=True)
-    ckpt.update(changes)
-    torch.save(ckpt, dest)
-    return str(dest)
-
-
-def test_checkpoints_for_another_env_size_or_format_are_refused_in_one_line(tmp_path, trained):
-    # A HalfCheetah checkpoint in Hopper; Walker2d has HalfCheetah's sizes, so the name must decide.
-    assert_one_line_error(run_cli("evaluate.py", str(trained), "--env", "Hopper-v5"),
-                          str(trained), "trained in HalfCheetah-v5, not Hopper-v5")
-    walker = edited_checkpoint(trained, tmp_path / "walker.pt", env_id="Walker2d-v5")
-    assert_one_line_error(run_cli("evaluate.py", walker, "--env", "HalfCheetah-v5"), walker, "Walker2d-v5")
-    newer = edited_checkpoint(trained, tmp_path / "v2.pt", format_version=2)
-    assert_one_line_error(run_cli("evaluate.py", newer), newer, "format version 2", "reads version 1")
-    foreign = tmp_path / "foreign.pt"
-    torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
-    assert_one_line_error(run_cli("evaluate.py", str(foreign)), str(foreign), "not a checkpoint written by")
-    weights = torch.load(trained, weights_only=True)["model"]
-    weights.pop("predict_action.weight")
-    damaged = edited_checkpoint(trained, tmp_path / "damaged.pt", model=weights)
-    assert_one_line_error(run_cli("evaluate.py", damaged), damaged, "weights do not fit")
-    # 11 observations but labelled HalfCheetah (17): refused by size before any rollout.
-    data = write_d4rl(tmp_path / "halfcheetah-small.hdf5", [30, 30], state_dim=11)
-    small = tmp_path / "small.pt"
-    train.main(["--data", str(data), "--max-steps", "2", "--n-layer", "1", "--n-embd", "16",
-                "--out", str(small)])
-    assert_one_line_error(run_cli("evaluate.py", str(small), "--episodes", "1"), str(small),
-                          "observations of size 17", "trained for 11")
-
-
-class RunsCodeWhenUnpickled:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):  # unpickling would call open(path, "w"): a harmless stand-in for malware
-        return open, (self.path, "w")
-
-
-def test_a_checkpoint_cannot_run_code(tmp_path):
-    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
-    torch.save({"format_version": 1, "model": RunsCodeWhenUnpickled(marker)}, evil)
-    assert_one_line_error(run_cli("evaluate.py", str(evil)), str(evil), "not a readable checkpoint")
-    assert_one_line_error(run_cli("train.py", "--resume", str(evil)), str(evil), "not a readable checkpoint")
-    assert not marker.exists()
-
+def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, capsys):
+    data = write_d4rl(tmp_path / "halfcheetah-t.hdf5", [50] * 4)
+    for target, shown in (("0", "at target 0"), (None, "at target 12000")):
+        out = tmp_path / f"t{target}.pt"
+        train.main(["--data", str(data), "--max-steps", "2", "--eval-every", "2", "--eval-episodes", "1",
+                    *TINY, "--out", str(out)] + (["--target", target] if target else []))
+        assert shown in capsys.readouterr().out
 
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
@@ -676,16 +532,328 @@ def test_resume_continues_a_run_exactly(tmp_path, monkeypatch):
 def test_resume_refuses_other_data_and_changed_settings(tmp_path, trained):
     ckpt = edited_checkpoint(trained, tmp_path / "copy.pt")
     other = write_d4rl(tmp_path / "halfcheetah-other.hdf5", [40, 40], seed=5)
-    with pytest.raises(evaluate.CheckpointError, match="trained on other data"):
+    with pytest.raises(CheckpointError, match="trained on other data"):
         train.main(["--resume", ckpt, "--data", str(other)])
     proc = run_cli("train.py", "--resume", ckpt, "--lr", "0.1")
     assert proc.returncode == 2 and "only --data may come with it, not --lr" in proc.stderr
     plain = torch.load(trained, weights_only=True)
     del plain["rng"]  # what a model-only checkpoint looks like
     torch.save(plain, tmp_path / "plain.pt")
-    with pytest.raises(evaluate.CheckpointError, match="no training state"):
+    with pytest.raises(CheckpointError, match="no training state"):
         train.main(["--resume", str(tmp_path / "plain.pt")])
 
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    data = write_d4rl(tmp_path / "halfcheetah-c.hdf5", [50] * 4)
+    out = tmp_path / "run.pt"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--max-steps", "100000",
+                             "--log-every", "1", *TINY, "--out", str(out)],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = out.with_suffix(".csv"), time.time() + 90
+    while not (log.exists() and len(log.read_text().splitlines()) >= 4):  # a few steps in
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    # A second run aimed at the same files while this one is going is refused, naming it.
+    second = run_cli("train.py", "--data", str(data), "--max-steps", "5", *TINY, "--out", str(out), "--overwrite")
+    assert_one_line_error(second, str(out), "still going", f"pid {proc.pid}")
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
+    step = torch.load(out, weights_only=True)["step"]
+    assert 3 <= step < 100000 and f"python train.py --resume {out}" in stdout
+    assert log.read_text().splitlines()[-1].startswith(f"{step},")
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    data = write_d4rl(tmp_path / "halfcheetah-n.hdf5", [50] * 4)
+    out, calls, real_loss = tmp_path / "nan.pt", 0, train.action_loss
+
+    def loss_that_blows_up_at_step_8(*args):
+        nonlocal calls
+        calls += 1
+        return real_loss(*args) * (float("nan") if calls >= 8 else 1.0)
+
+    monkeypatch.setattr(train, "action_loss", loss_that_blows_up_at_step_8)
+    with pytest.raises(RunError, match=r"became nan at step 8; stopped \(.*nan.pt keeps step 5\)"):
+        train.main(["--data", str(data), "--max-steps", "20", "--log-every", "3", "--save-every", "5",
+                    *TINY, "--out", str(out)])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+
+def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
+    data = str(write_d4rl(tmp_path / "halfcheetah-a.hdf5", [30, 30]))
+    for flags, words in [(["--epochs", "-1"], "--epochs must be above 0"), (["--epochs", "0"], "--epochs"),
+                         (["--max-steps", "0"], "--max-steps must be at least 1"),
+                         (["--batch-size", "0"], "--batch-size must be at least 1"),
+                         (["--n-embd", "30", "--n-head", "4"], "multiple of --n-head")]:
+        assert_usage_error(run_cli("train.py", "--data", data, *flags, "--out", str(tmp_path / "x.pt")), words)
+    assert not (tmp_path / "x.pt").exists()
+    # A folder where a file is expected says so, instead of "no such file".
+    assert_one_line_error(run_cli("train.py", "--data", str(tmp_path)), str(tmp_path), "is a folder")
+
+
+def test_a_run_reports_its_budget_precision_and_full_progress(tmp_path):
+    data = write_d4rl(tmp_path / "halfcheetah-p.hdf5", [50] * 4)
+    proc = run_cli("train.py", "--data", str(data), "--max-steps", "7", *TINY, "--out", str(tmp_path / "p.pt"))
+    assert proc.returncode == 0, proc.stderr
+    assert "'epochs': None, 'max_steps': 7" in proc.stdout  # the budget that counts, not the default
+    precision = "bf16 autocast" if train.use_bf16(train.parse_args([]), "cpu") else "fp32"
+    assert f"device cpu, {precision}" in proc.stdout
+    assert "7/7" in proc.stderr  # the progress bar counts the last step too
+
+
+
+# --- checkpoint.py: devices, output files, checkpoints ----------------------------------------
+
+def test_checkpoint_round_trip(trained):
+    model, _, ckpt = checkpoint.load_checkpoint(trained)
+    assert ckpt["step"] == 80 and ckpt["env_id"] == "HalfCheetah-v5" and ckpt["reward_scale"] == 1000.0
+    assert ckpt["model_config"]["context_len"] == 5 and ckpt["train_args"]["batch_size"] == 16
+    assert ckpt["state_mean"].shape == (S,) and "state" in ckpt["optimizer"]
+    raw = torch.load(trained, weights_only=True)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, raw["model"][name])
+    s, a, r, t = random_window(2, 5)
+    fresh = DecisionTransformer(DTConfig(**ckpt["model_config"])).eval()
+    fresh.load_state_dict(raw["model"])
+    torch.testing.assert_close(model(s, a, r, t), fresh(s, a, r, t))
+    assert not list(trained.parent.glob(".*partial*"))  # the atomic write left nothing behind
+
+
+
+def test_an_output_folder_is_made_and_an_unwritable_one_is_refused_before_training(tmp_path, capsys):
+    data = str(write_d4rl(tmp_path / "halfcheetah-o.hdf5", [50] * 4))
+    out = tmp_path / "runs" / "exp1" / "ckpt.pt"
+    train.main(["--data", data, "--max-steps", "2", *TINY, "--out", str(out)])
+    assert out.exists() and out.with_suffix(".csv").exists() and not Path(f"{out}.lock").exists()
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file where a folder should be")
+    bad = blocker / "ckpt.pt"
+    proc = run_cli("train.py", "--data", data, "--max-steps", "2", *TINY, "--out", str(bad))
+    assert_one_line_error(proc, str(bad), "cannot write", "--out")
+    assert "data:" not in proc.stdout  # refused before the data was loaded
+
+
+def test_a_finished_run_is_replaced_only_when_asked(tmp_path):
+    data = str(write_d4rl(tmp_path / "halfcheetah-w.hdf5", [50] * 4))
+    out = tmp_path / "run.pt"
+    run = ["train.py", "--data", data, "--max-steps", "3", *TINY, "--out", str(out)]
+    assert run_cli(*run).returncode == 0
+    before = out.read_bytes()
+    assert_one_line_error(run_cli(*run), str(out), "already holds a run (step 3)", "--overwrite", "--resume")
+    assert out.read_bytes() == before
+    proc = run_cli(*run, "--overwrite", "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() != before
+
+
+def test_a_full_disk_during_a_save_ends_in_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    data = str(write_d4rl(tmp_path / "halfcheetah-d.hdf5", [50] * 4))
+    out, real_save, saves = tmp_path / "full.pt", torch.save, []
+
+    def save_then_run_out_of_space(obj, f):
+        saves.append(obj["step"])
+        if len(saves) == 2:  # what torch.save raises when the disk fills up mid-write
+            Path(f).write_bytes(b"half a checkpoint")
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing "
+                               "file data/3: file write failed")
+        real_save(obj, f)
+
+    monkeypatch.setattr(checkpoint.torch, "save", save_then_run_out_of_space)
+    with pytest.raises(RunError) as err:
+        train.main(["--data", data, "--max-steps", "20", "--save-every", "4", *TINY, "--out", str(out)])
+    message = str(err.value)
+    assert "\n" not in message and f"cannot write {out}" in message and "disk full" in message
+    assert f"still holds step 4, resume from it with --resume {out}" in message
+    monkeypatch.undo()
+    assert torch.load(out, weights_only=True)["step"] == 4  # the previous save is whole
+    assert not list(tmp_path.glob(".*partial*"))
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):  # unpickling would call open(path, "w"): a harmless stand-in for malware
+        return open, (self.path, "w")
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "model": RunsCodeWhenUnpickled(marker)}, evil)
+    assert_one_line_error(run_cli("evaluate.py", str(evil)), str(evil), "not a readable checkpoint")
+    assert_one_line_error(run_cli("train.py", "--resume", str(evil)), str(evil), "not a readable checkpoint")
+    assert not marker.exists()
+
+
+def test_checkpoints_for_another_env_size_or_format_are_refused_in_one_line(tmp_path, trained):
+    # A HalfCheetah checkpoint in Hopper; Walker2d has HalfCheetah's sizes, so the name must decide.
+    assert_one_line_error(run_cli("evaluate.py", str(trained), "--env", "Hopper-v5"),
+                          str(trained), "trained in HalfCheetah-v5, not Hopper-v5")
+    walker = edited_checkpoint(trained, tmp_path / "walker.pt", env_id="Walker2d-v5")
+    assert_one_line_error(run_cli("evaluate.py", walker, "--env", "HalfCheetah-v5"), walker, "Walker2d-v5")
+    newer = edited_checkpoint(trained, tmp_path / "v2.pt", format_version=2)
+    assert_one_line_error(run_cli("evaluate.py", newer), newer, "format version 2", "reads version 1")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, foreign)
+    assert_one_line_error(run_cli("evaluate.py", str(foreign)), str(foreign), "not a checkpoint written by")
+    weights = torch.load(trained, weights_only=True)["model"]
+    weights.pop("predict_action.weight")
+    damaged = edited_checkpoint(trained, tmp_path / "damaged.pt", model=weights)
+    assert_one_line_error(run_cli("evaluate.py", damaged), damaged, "weights do not fit")
+    # 11 observations but labelled HalfCheetah (17): refused by size before any rollout.
+    data = write_d4rl(tmp_path / "halfcheetah-small.hdf5", [30, 30], state_dim=11)
+    small = tmp_path / "small.pt"
+    train.main(["--data", str(data), "--max-steps", "2", "--n-layer", "1", "--n-embd", "16",
+                "--out", str(small)])
+    assert_one_line_error(run_cli("evaluate.py", str(small), "--episodes", "1"), str(small),
+                          "observations of size 17", "trained for 11")
+
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_asking_for_cuda_without_it_is_one_line_before_any_work(tmp_path, trained):
+    missing = tmp_path / "not-loaded.hdf5"  # never read: the device is checked first
+    assert_one_line_error(run_cli("train.py", "--device", "cuda", "--data", str(missing)), "--device cuda",
+                          "--device cpu")
+    assert_one_line_error(run_cli("evaluate.py", str(trained), "--device", "cuda"), "--device cuda")
+
+
+
+# --- evaluate.py and rollout.py ---------------------------------------------------------------
+
+def test_rollout_in_halfcheetah_reports_returns_and_normalized_score(trained, capsys):
+    evaluate.main([str(trained), "--target", "3000", "6000", "--episodes", "2", "--json"])
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["target"] for r in results] == [3000, 6000]
+    for r in results:
+        assert r["env"] == "HalfCheetah-v5" and r["episodes"] == 2 and len(r["returns"]) == 2
+        assert r["mean_return"] == pytest.approx(np.mean(r["returns"]), abs=0.01)
+        assert r["normalized_score"] == pytest.approx(
+            100 * (r["mean_return"] + 280.178953) / (12135.0 + 280.178953))
+
+
+def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
+    """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
+    from the batched rollout must equal those of each episode run alone."""
+    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
+    out = tmp_path / "hopper.pt"
+    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
+    model, norm, _ = checkpoint.load_checkpoint(out)
+    together = rollout.rollout(model, norm, "Hopper-v5", 3600, 4, seed=0, progress=False)
+    alone = [rollout.rollout(model, norm, "Hopper-v5", 3600, 1, seed=i, progress=False)[0] for i in range(4)]
+    np.testing.assert_allclose(together, alone, rtol=1e-4)
+    assert len(set(np.round(together, 3))) == 4
+
+
+def test_normalized_score_reference_points():
+    assert rollout.normalized_score("HalfCheetah-v5", 12135.0) == pytest.approx(100.0)
+    assert rollout.normalized_score("HalfCheetah-v5", -280.178953) == pytest.approx(0.0)
+    assert rollout.normalized_score("Hopper-v5", 3234.3) == pytest.approx(100.0)
+
+
+def test_a_target_sweep_prints_a_table_and_draws_it(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    evaluate.main([str(trained), "--target", "0", "3000", "6000", "--episodes", "2", "--plot", str(png)])
+    out = capsys.readouterr().out
+    table = out[out.index("achieved (mean ± std)"):].splitlines()[1:4]
+    assert [line.split()[0] for line in table] == ["0", "3000", "6000"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_cli_errors_are_one_line(tmp_path, trained):
+    missing = tmp_path / "nope.hdf5"
+    assert_one_line_error(run_cli("train.py", "--data", str(missing)), str(missing), "no such file")
+    junk = tmp_path / "junk.hdf5"
+    junk.write_bytes(b"\x00garbage" * 100)
+    assert_one_line_error(run_cli("train.py", "--data", str(junk)), str(junk), "HDF5")
+    foreign = tmp_path / "foreign.hdf5"
+    with h5py.File(foreign, "w") as f:
+        f["pixels"] = np.zeros((4, 3))
+    assert_one_line_error(run_cli("train.py", "--data", str(foreign)), str(foreign), "observations")
+    proc = run_cli("evaluate.py", str(junk))
+    assert_one_line_error(proc, str(junk), "not a readable checkpoint")
+    assert "Error)" not in proc.stderr  # what went wrong, not the name of a Python exception
+    assert_one_line_error(run_cli("evaluate.py", str(tmp_path / "none.pt")), "no such file")
+    proc = run_cli("evaluate.py", str(trained), "--episodes", "1")
+    assert proc.returncode == 0 and "(1 episode)" in proc.stdout, proc.stderr
+
+
+
+
+# --- video.py and plot.py ---------------------------------------------------------------------
+
+def test_video_renders_the_first_episode_without_changing_its_return(trained, tmp_path, capsys, monkeypatch):
+    backend = video.offscreen_gl_backend()
+    if backend is None:
+        pytest.skip("no off-screen OpenGL here (neither EGL nor OSMesa works)")
+    monkeypatch.setenv("MUJOCO_GL", backend)
+    gif = tmp_path / "cheetah.gif"
+    evaluate.main([str(trained), "--target", "3000", "--episodes", "2", "--video", str(gif),
+                   "--video-seconds", "0.25"])
+    out = capsys.readouterr().out
+    first_return = out.split("returns:")[1].split()[0]
+    assert f"video: {gif} (episode 0, target 3000: return {first_return})" in out
+    from PIL import Image
+    with Image.open(gif) as image:  # 0.25 s at HalfCheetah's 20 steps/s, plus the reset frame
+        assert image.format == "GIF" and image.size == video.SIZE and image.n_frames == 6
+        image.seek(5)
+        pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        assert len(np.unique(pixels, axis=0)) > 5  # a picture, not a blank frame
+    # Widening the floor for the camera must not change the physics.
+    evaluate.main([str(trained), "--target", "3000", "--episodes", "2", "--json"])
+    assert json.loads(capsys.readouterr().out)["returns"][0] == pytest.approx(float(first_return), abs=0.06)
+
+
+def test_video_arguments_are_checked_before_any_rollout(trained, tmp_path, capsys, monkeypatch):
+    def error_of(*args):
+        with pytest.raises(SystemExit) as exit_:
+            evaluate.parse_args([str(trained), *args])
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    assert "must end in .mp4 or .gif" in error_of("--video", str(tmp_path / "x.avi"))
+    assert "no such directory" in error_of("--video", str(tmp_path / "missing" / "x.gif"))
+    assert "must be positive" in error_of("--video", str(tmp_path / "x.gif"), "--video-seconds", "0")
+    monkeypatch.setattr(video, "offscreen_gl_backend", lambda: None)
+    assert "apt install libegl1 or libosmesa6" in error_of("--video", str(tmp_path / "x.gif"))
+    monkeypatch.setattr(video, "offscreen_gl_backend", lambda: "egl")
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if it were not installed
+    monkeypatch.setenv("MUJOCO_GL", "egl")  # parse_args sets it; monkeypatch puts it back
+    args = evaluate.parse_args([str(trained), "--video", str(tmp_path / "x.mp4")])
+    assert args.video == tmp_path / "x.gif" and "pip install imageio-ffmpeg" in capsys.readouterr().err
+
+
+def test_training_log_is_drawn_as_a_png_beside_it(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "run.csv"
+    rows = trained.with_suffix(".csv").read_text().splitlines()
+    rows[4] = rows[4].rstrip(",") + ",1234.5,12.1"  # an evaluation row, as --eval-every writes
+    log.write_text("\n".join(rows) + "\n")
+    plot.main([str(log)])
+    assert capsys.readouterr().out.strip() == f"plot: {tmp_path / 'run.png'}"
+    assert (tmp_path / "run.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot.read_log(log)["eval_score"][3] == 12.1
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(RunError, match="not a training log"):
+        plot.main([str(tmp_path / "notes.csv")])
+    with pytest.raises(RunError, match="no such file"):
+        plot.main([str(tmp_path / "missing.csv")])
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, capsys, monkeypatch):
+    png = tmp_path / "sweep.png"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.parse_args([str(trained), "--plot", str(png)])
+    assert exit_.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
+
+
+
+
+# --- distributed.py and bench.py --------------------------------------------------------------
 
 def test_torchrun_trains_data_parallel_on_two_cpu_processes(tmp_path):
     data = write_d4rl(tmp_path / "halfcheetah-ddp.hdf5", [50] * 4)
@@ -717,42 +885,9 @@ def test_bench_runs_and_reports_every_figure(capsys):
     assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    data = write_d4rl(tmp_path / "halfcheetah-c.hdf5", [50] * 4)
-    out = tmp_path / "run.pt"
-    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--max-steps", "100000",
-                             "--log-every", "1", *TINY, "--out", str(out)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log, deadline = out.with_suffix(".csv"), time.time() + 90
-    while not (log.exists() and len(log.read_text().splitlines()) >= 4):  # a few steps in
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and "Traceback" not in stderr, stderr
-    step = torch.load(out, weights_only=True)["step"]
-    assert 3 <= step < 100000 and f"python train.py --resume {out}" in stdout
-    assert log.read_text().splitlines()[-1].startswith(f"{step},")
 
 
-def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    data = write_d4rl(tmp_path / "halfcheetah-n.hdf5", [50] * 4)
-    out, calls, real_loss = tmp_path / "nan.pt", 0, train.action_loss
-
-    def loss_that_blows_up_at_step_8(*args):
-        nonlocal calls
-        calls += 1
-        return real_loss(*args) * (float("nan") if calls >= 8 else 1.0)
-
-    monkeypatch.setattr(train, "action_loss", loss_that_blows_up_at_step_8)
-    with pytest.raises(train.TrainingError, match=r"became nan at step 8; stopped \(.*nan.pt keeps step 5\)"):
-        train.main(["--data", str(data), "--max-steps", "20", "--log-every", "3", "--save-every", "5",
-                    *TINY, "--out", str(out)])
-    ckpt = torch.load(out, weights_only=True)
-    assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
-
-
-# --- download --------------------------------------------------------------------------------------
+# --- download.py ------------------------------------------------------------------------------
 
 class FlakyHandler(http.server.BaseHTTPRequestHandler):
     """Serves server.body with HTTP Range support, misbehaving as server.plan says: one entry per
@@ -849,7 +984,7 @@ def test_download_never_leaves_a_bad_file_under_the_final_name(tmp_path, flaky_s
         assert "run again to resume" in str(err.value) and len(flaky_server.ranges) == 3
         assert [p.name for p in dest.parent.iterdir()] == [dest.name + ".part"]
     else:
-        assert list(dest.parent.iterdir()) == []
+        assert not dest.parent.exists()  # not even the data/ folder it made
 
 
 def test_interrupted_download_resumes_on_the_next_run(tmp_path, flaky_server):
@@ -881,10 +1016,20 @@ def test_unreachable_host_says_offline_and_names_data_flag(tmp_path):
     with pytest.raises(download.DownloadError, match="Offline.*--data"):
         download.download("halfcheetah-expert-v2", dest, url="http://127.0.0.1:9/x.hdf5", retries=1,
                           backoff=0)
-    assert not dest.exists()
+    assert not dest.parent.exists()
+
+
+def test_download_help_names_every_dataset():
+    proc = run_cli("download.py", "--help")
+    assert proc.returncode == 0
+    for name in download.DATASETS:
+        body, quality = name.removesuffix("-v2").split("-", 1)
+        assert f"{body}-{{" in proc.stdout and quality in proc.stdout
 
 
 def test_dataset_addresses_follow_d4rl_naming():
     assert len(download.DATASETS) == 15
     assert download.DATASETS["halfcheetah-medium-replay-v2"].endswith(
         "/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5")
+
+

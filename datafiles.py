@@ -1,0 +1,145 @@
+"""
+Reading trajectory files: D4RL's flat HDF5 layout and Minari's (one group per episode), checked on
+the way in. A data file is untrusted input: every way it can be wrong (a missing key, mismatched
+lengths, a wrong shape or type, NaN, a damaged file) ends in one DataError naming the file, the key
+and the problem, never in a traceback from deep inside training.
+
+read_hdf5(path) -> ({key: array} with D4RL's five keys, the env id the file records or None)
+"""
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
+
+
+class DataError(Exception):
+    """A data file that cannot be used; the message names the file and the problem."""
+
+
+def read_hdf5(path):
+    """Read and check the five D4RL arrays; any other key is ignored."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder; expected an HDF5 file of trajectories (D4RL's NAME.hdf5, "
+                        f"or a Minari dataset's data/main_data.hdf5)")
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        f = h5py.File(path, "r")
+    except Exception as e:  # OSError for anything that is not (intact) HDF5
+        raise DataError(f"{path}: cannot be read as HDF5 ({one_line(e)})") from None
+    with f:
+        try:
+            minari = "observations" not in f and any(k.startswith("episode_") for k in f)
+        except Exception as e:
+            raise DataError(f"{path}: the file is damaged ({one_line(e)})") from None
+        if minari:
+            return read_minari(f, path), minari_env_id(f)
+        arrays = {k: read_key(f, k, path) for k in REQUIRED_KEYS}
+        next_obs = read_key(f, "next_observations", path)  # optional: IQL's s' where an episode is cut
+        try:
+            env_attr = f.attrs.get("env")
+        except Exception:  # a damaged attribute only costs us the env name, which --env can give
+            env_attr = None
+    missing = [k for k, a in arrays.items() if a is None]
+    if missing:
+        raise DataError(f"{path}: not a D4RL trajectory file, missing key(s) {', '.join(missing)}")
+    if next_obs is not None:
+        arrays["next_observations"] = next_obs
+    check_arrays(arrays, path)
+    if isinstance(env_attr, bytes):
+        env_attr = env_attr.decode(errors="replace")
+    return arrays, env_attr if isinstance(env_attr, str) else None
+
+
+def one_line(error):
+    text = str(error).strip().strip("'\"").splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def read_key(f, key, path):
+    """One of the D4RL arrays (None if absent), checked to hold numbers."""
+    try:
+        if key not in f:
+            return None
+        node = f[key]
+        if not isinstance(node, h5py.Dataset):
+            raise DataError(f"{path}: key '{key}' is a group, not an array")
+        if node.dtype.kind not in "biuf":
+            raise DataError(f"{path}: key '{key}' holds {node.dtype}, not numbers")
+        return np.asarray(node[()])
+    except DataError:
+        raise
+    except Exception as e:
+        # The file is untrusted input: h5py reports damage as OSError, KeyError, RuntimeError or
+        # ValueError depending on which internal structure is broken.
+        raise DataError(f"{path}: key '{key}' cannot be read, the file is damaged ({one_line(e)})") from None
+
+
+def check_arrays(arrays, path):
+    """The shapes and values D4RL promises: (N, S) observations, (N, A) actions and (N,) rewards
+    and flags, all finite. Anything else would fail later, far from its cause."""
+    for key, ndim in (("observations", 2), ("actions", 2), ("rewards", 1), ("terminals", 1), ("timeouts", 1)):
+        a = arrays[key]
+        if a.ndim != ndim or (ndim == 2 and a.shape[1] == 0):
+            raise DataError(f"{path}: key '{key}' has shape {a.shape}, expected "
+                            f"{'(steps, size)' if ndim == 2 else '(steps,)'}")
+    n = len(arrays["observations"])
+    nxt = arrays.get("next_observations")
+    if nxt is not None and nxt.shape[1:] != arrays["observations"].shape[1:]:
+        raise DataError(f"{path}: key 'next_observations' has shape {nxt.shape}, expected (steps, "
+                        f"{arrays['observations'].shape[1]}) like 'observations'")
+    if n == 0:
+        raise DataError(f"{path}: key 'observations' holds no steps")
+    for key, a in arrays.items():
+        if len(a) != n:
+            raise DataError(f"{path}: key '{key}' has {len(a)} rows but 'observations' has {n}")
+        bad = np.flatnonzero(~np.isfinite(a).reshape(n, -1).all(1))
+        if len(bad):
+            raise DataError(f"{path}: key '{key}' has NaN or Inf values (first in row {bad[0]})")
+
+
+# Minari (D4RL's maintained successor) keeps one group per episode, with its own key names.
+MINARI_KEYS = {"observations": "observations", "actions": "actions", "rewards": "rewards",
+               "terminals": "terminations", "timeouts": "truncations"}
+
+
+def read_minari(f, path):
+    """Minari's layout -> D4RL's five flat arrays, and next_observations when every episode has
+    them. Each episode_N group holds one more observation than actions (the one after the last
+    step): it is that step's next observation, and no action follows it."""
+    names = sorted((k for k in f if k.startswith("episode_")), key=lambda k: (len(k), k))  # numeric order
+    episodes = []
+    for name in names:
+        where = f"{path}: {name}"
+        ep = {ours: read_key(f[name], theirs, where) for ours, theirs in MINARI_KEYS.items()}
+        missing = [MINARI_KEYS[k] for k, a in ep.items() if a is None]
+        if missing:
+            raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
+        steps = len(ep["actions"]) if ep["actions"].ndim else 0
+        if steps == 0:
+            raise DataError(f"{where}: the episode has no steps")
+        if len(ep["observations"]) not in (steps, steps + 1):
+            raise DataError(f"{where}: key 'observations' has {len(ep['observations'])} rows for {steps} actions")
+        if len(ep["observations"]) == steps + 1:
+            ep["next_observations"] = ep["observations"][1:]
+        ep["observations"] = ep["observations"][:steps]
+        check_arrays(ep, where)
+        ep["timeouts"] = ep["timeouts"].astype(bool)
+        ep["timeouts"][-1] |= not ep["terminals"][-1]  # an episode ends at its last step, flagged or not
+        if episodes and any(ep[k].shape[1:] != episodes[0][k].shape[1:] for k in REQUIRED_KEYS):
+            raise DataError(f"{where}: its arrays are not the same width as {names[0]}'s")
+        episodes.append(ep)
+    keys = [*REQUIRED_KEYS, *(["next_observations"] if all("next_observations" in ep for ep in episodes) else [])]
+    return {k: np.concatenate([ep[k] for ep in episodes]) for k in keys}
+
+
+def minari_env_id(f):
+    """The env id Minari records as JSON in the root attribute env_spec (None if absent)."""
+    try:
+        return json.loads(f.attrs["env_spec"])["id"]
+    except Exception:  # absent or unreadable: the user can still pass --env
+        return None

@@ -1,0 +1,115 @@
+"""
+Implicit Q-Learning (Kostrikov, Nair and Levine 2021, arXiv:2110.06169): the value-based offline RL
+method the DT is compared with, `python train.py --model iql`.
+
+Where the DT conditions on the return that followed each step, IQL learns what each action is
+worth by Bellman backups, Q(s, a) = r + gamma * V(s'), and then clones the data's actions weighted
+by how much better than usual they were, exp(beta * (Q - V)). It never asks Q about an action
+outside the data: V is fitted to the data's own Q values by an expectile, which is what makes it
+safe offline. It trains on transitions (s, a, r, s', done): data.sample_transitions.
+"""
+import copy
+import math
+
+import torch
+import torch.nn as nn
+
+
+def mlp(sizes):
+    """Linear layers with ReLU between them: sizes (in, hidden..., out)."""
+    layers = []
+    for a, b in zip(sizes[:-1], sizes[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers[:-1])
+
+
+class IQL(nn.Module):
+    """Three MLPs of n_layer hidden layers of n_embd (the paper: 2 x 256): twin Q (the minimum of
+    two curbs over-estimation), V, and a Gaussian actor whose mean is the policy's action. The
+    target Q networks (a slow Polyak average of Q) are part of the state dict, so a resumed run
+    continues exactly. The loss is iql_loss below."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        S, A, hidden = cfg.state_dim, cfg.act_dim, [cfg.n_embd] * cfg.n_layer
+        self.q1, self.q2 = mlp([S + A, *hidden, 1]), mlp([S + A, *hidden, 1])
+        self.q1_target, self.q2_target = copy.deepcopy(self.q1), copy.deepcopy(self.q2)
+        for p in (*self.q1_target.parameters(), *self.q2_target.parameters()):
+            p.requires_grad_(False)
+        self.v = mlp([S, *hidden, 1])
+        self.actor = mlp([S, *hidden, A])
+        self.log_std = nn.Parameter(torch.zeros(A))  # state-independent, as in the paper
+
+    def q(self, states, actions, target=False):
+        """(Q1, Q2) of (B, S) states and (B, A) actions, each (B,); the target networks' if asked."""
+        sa = torch.cat((states, actions), dim=-1)
+        q1, q2 = (self.q1_target, self.q2_target) if target else (self.q1, self.q2)
+        return q1(sa).squeeze(-1), q2(sa).squeeze(-1)
+
+    def value(self, states):
+        return self.v(states).squeeze(-1)
+
+    def forward(self, states):
+        """The policy's action for (B, S) states: the Gaussian's mean, squashed into [-1, 1]."""
+        return torch.tanh(self.actor(states))
+
+    def log_prob(self, states, actions):
+        """log pi(a | s) of the data's actions under the Gaussian actor, (B,)."""
+        std = self.log_std.clamp(-5.0, 2.0).exp()
+        return torch.distributions.Normal(self(states), std).log_prob(actions).sum(-1)
+
+    @torch.no_grad()
+    def update_targets(self, tau):
+        """target <- (1 - tau) * target + tau * online, for both Q networks."""
+        online = [*self.q1.parameters(), *self.q2.parameters()]
+        target = [*self.q1_target.parameters(), *self.q2_target.parameters()]
+        torch._foreach_lerp_(target, online, tau)
+
+    @torch.no_grad()
+    def get_action(self, states, actions, returns_to_go, timesteps):
+        return self(states[:, -1])  # the current state alone: no history, no return
+
+
+def iql_loss(model, batch, args):
+    """IQL's three losses in one sum. Each trains one network and sees the others' outputs only
+    through torch.no_grad or .detach(), so one backward pass gives every network exactly its own
+    gradient, as three separate updates from the same parameters would (CORL's order).
+    batch: states (B,S), actions (B,A), rewards (B,), next states (B,S), terminals (B,)."""
+    s, a, r, s_next, terminal = batch
+    with torch.no_grad():
+        q_target = torch.min(*model.q(s, a, target=True))
+        v_next = model.value(s_next)
+    v = model.value(s)
+    advantage = q_target - v  # (B,): how much better the data's action is than V expects
+    value_loss = expectile_loss(advantage, args.expectile)
+    # Q: one Bellman backup, r + gamma V(s'), with no bootstrap past a true termination.
+    td_target = r + args.discount * (1.0 - terminal) * v_next
+    q1, q2 = model.q(s, a)
+    q_loss = ((q1 - td_target) ** 2 + (q2 - td_target) ** 2).mean() / 2
+    # Actor: clone the data's actions, weighted by exp(beta * advantage), capped so that one lucky
+    # transition cannot dominate a batch.
+    weight = torch.exp(args.temperature * advantage.detach()).clamp(max=100.0)
+    actor_loss = -(weight * model.log_prob(s, a)).mean()
+    return value_loss + q_loss + actor_loss
+
+
+def expectile_loss(diff, expectile):
+    """V's loss: expectile regression on diff = Q - V, |expectile - 1(diff < 0)| * diff^2. An
+    expectile above one half weighs Q > V more than Q < V, so V follows the better actions the
+    data holds (0.5 would be the mean), without ever evaluating an action the data lacks."""
+    return ((expectile - (diff < 0).float()).abs() * diff ** 2).mean()
+
+
+def actor_lr(step, total_steps, max_lr):
+    """The IQL paper's schedule: the actor's learning rate decays from max_lr to 0 along a cosine;
+    Q and V keep max_lr."""
+    return max_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+
+def configure_optimizer(model, lr):
+    """Adam, as in the paper (no weight decay). Q and V keep `lr`; the actor's group follows
+    actor_lr. Fused: one kernel updates every parameter, on the CPU as on a GPU."""
+    critics = [*model.q1.parameters(), *model.q2.parameters(), *model.v.parameters()]
+    return torch.optim.Adam([{"params": critics, "schedule": "constant"},
+                             {"params": [*model.actor.parameters(), model.log_std]}], lr=lr, fused=True)

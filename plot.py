@@ -1,0 +1,112 @@
+"""
+Pictures of a run: the training log that train.py writes beside its checkpoint, and the
+achieved-against-requested return of an evaluate.py --target sweep. Needs matplotlib (optional).
+
+    python plot.py ckpt.csv                       # loss, learning rate and evaluation score -> ckpt.png
+"""
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+from checkpoint import RunError, atomic_write
+
+LOG_COLUMNS = ("step", "loss", "lr", "eval_score")  # the columns of train.py's log drawn here
+
+
+def require_matplotlib(parser, flag):
+    try:
+        import matplotlib  # noqa: F401  (checked when the arguments are, not after minutes of work)
+    except ImportError:
+        parser.error(f"{flag} needs matplotlib, which is optional: pip install matplotlib")
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def read_log(path):
+    """A training log's rows as {column: list of floats}; blank cells (no evaluation) are NaN."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as e:
+        raise RunError(f"{path}: {e.strerror.lower()}") from None
+    except (UnicodeDecodeError, csv.Error):
+        rows = None
+    if not rows or any(c not in rows[0] for c in LOG_COLUMNS):
+        raise RunError(f"{path}: not a training log written by train.py (columns {', '.join(LOG_COLUMNS)})")
+    try:
+        return {c: [float(r[c]) if r[c] else math.nan for r in rows] for c in LOG_COLUMNS}
+    except (TypeError, ValueError):
+        raise RunError(f"{path}: damaged training log (a cell that is not a number)") from None
+
+
+def plot_log(path):
+    """Draw the log at `path` as a PNG beside it; returns the PNG's path."""
+    log = read_log(path)
+    plt = pyplot()
+    evals = [(s, v) for s, v in zip(log["step"], log["eval_score"]) if not math.isnan(v)]
+    panels = 3 if evals else 2
+    fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(6, 2 * panels + 0.6), dpi=120)
+    axes[0].plot(log["step"], log["loss"])
+    # The loss falls by an order of magnitude in the first few hundred steps; a log scale keeps
+    # the slow part of training, where the policy gets good, readable.
+    axes[0].set(yscale="log", ylabel="training loss", title=f"{path.name}: training")
+    axes[1].plot(log["step"], log["lr"])
+    axes[1].set(ylabel="learning rate")
+    if evals:
+        axes[2].plot(*zip(*evals), marker="o")
+        axes[2].set(ylabel="normalized score")
+    axes[-1].set(xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    with atomic_write(out) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+    return out
+
+
+def plot_sweep(results, path, title):
+    """Achieved against requested return, one evaluate.py result per target."""
+    plt = pyplot()
+    targets = [r["target"] for r in results]
+    fig, ax = plt.subplots(figsize=(5, 4.8), dpi=120)
+    ax.plot(targets, targets, "--", color="grey", label="achieved = requested")
+    # Each episode as a dot too: on mixed data a policy often picks one of the behaviours it has
+    # seen, and a mean between two clusters describes no episode at all.
+    for r in results:
+        ax.scatter([r["target"]] * len(r["returns"]), r["returns"], s=10, color="black", alpha=0.3,
+                   linewidths=0, label="one episode" if r is results[0] else None)
+    n = results[0]["episodes"]
+    ax.errorbar(targets, [r["mean_return"] for r in results], yerr=[r["std_return"] for r in results],
+                marker="o", capsize=3, label=f"achieved (mean ± std, {n} episode{'s' if n > 1 else ''})")
+    ax.set(xlabel="requested return (target)", ylabel="achieved return", title=title)
+    # Below the axes: inside them, any corner can hide points (low targets often achieve far more).
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize=8, ncol=2, frameon=False)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", metavar="LOG.csv", type=Path, nargs="+", help="training logs written by train.py")
+    args = p.parse_args(argv)
+    require_matplotlib(p, "plot.py")
+    for log in args.logs:
+        print(f"plot: {plot_log(log)}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except RunError as e:
+        sys.exit(f"error: {e}")
