@@ -57,7 +57,7 @@ def read_hdf5(path):
 
 def one_line(error):
     text = str(error).strip().strip("'\"").splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0] if text else "no details given"
 
 
 def read_key(f, key, path):

@@ -77,7 +77,7 @@ def read_some(response):
     try:
         return response.read1(1 << 20)
     except (OSError, http.client.HTTPException) as e:  # reset, timed out, truncated
-        raise TransientError(f"connection lost ({e or type(e).__name__})") from None
+        raise TransientError(f"connection lost ({e})" if str(e) else "connection lost") from None
 
 
 def fetch_into(part, url, timeout):
@@ -102,7 +102,7 @@ def fetch_into(part, url, timeout):
             raise DownloadError(f"cannot reach {url} ({e.reason}). {OFFLINE_HINT}") from None
         raise TransientError(f"cannot connect ({e.reason})") from None
     except (OSError, http.client.HTTPException) as e:  # reset, timed out, closed before answering
-        raise TransientError(f"no answer ({e or type(e).__name__})") from None
+        raise TransientError(f"no answer ({e})" if str(e) else "no answer") from None
     with response:
         if response.status == 206:
             start, total = content_range(response.headers.get("Content-Range", ""))

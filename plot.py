@@ -3,6 +3,7 @@ Pictures of a run: the training log that train.py writes beside its checkpoint, 
 achieved-against-requested return of an evaluate.py --target sweep. Needs matplotlib (optional).
 
     python plot.py ckpt.csv                       # loss, learning rate and evaluation score -> ckpt.png
+    python plot.py --values iql.pt --data FILE    # IQL's V(s_t) along the data's episodes -> values.png
 """
 import argparse
 import csv
@@ -10,7 +11,12 @@ import math
 import sys
 from pathlib import Path
 
-from checkpoint import RunError, atomic_write
+import numpy as np
+import torch
+
+from checkpoint import RunError, atomic_write, load_checkpoint
+from data import episode_bounds, episode_ends, episode_totals
+from datafiles import DataError, read_hdf5
 
 LOG_COLUMNS = ("step", "loss", "lr", "eval_score")  # the columns of train.py's log drawn here
 
@@ -96,11 +102,62 @@ def plot_sweep(results, path, title):
     plt.close(fig)
 
 
+def episode_values(ckpt_path, data_path):
+    """An IQL checkpoint's V(s_t) along every episode of a data file: (list of (T_i,) arrays, the
+    episodes' true returns). States are normalized with the checkpoint's own statistics."""
+    model, norm, _ = load_checkpoint(ckpt_path)
+    if model.cfg.kind != "iql":
+        raise RunError(f"{ckpt_path}: a {model.cfg.kind} checkpoint has no value function; --values needs IQL's")
+    arrays, _ = read_hdf5(data_path)
+    ends = episode_ends(arrays["terminals"], arrays["timeouts"])
+    with torch.no_grad():
+        v = model.value(norm.states(torch.from_numpy(arrays["observations"].astype(np.float32)))).numpy()
+    first, last = episode_bounds(ends)
+    return [v[a:b + 1] for a, b in zip(first, last)], episode_totals(arrays["rewards"], ends)
+
+
+def ranking(values, returns):
+    """How often V ranks the better of two episodes higher, averaged over each episode's states:
+    the fraction of all pairs of episodes (1: always, 0.5: a coin)."""
+    mean_v = np.array([v.mean() for v in values])
+    better = returns[:, None] > returns[None, :]
+    return float(((mean_v[:, None] > mean_v[None, :]) & better).sum() / better.sum())
+
+
+def plot_values(checkpoints, data_path, path):
+    """V(s_t) along the data's best, median and worst episode, one panel per checkpoint."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(checkpoints), figsize=(5 * len(checkpoints), 3.6), dpi=120, squeeze=False)
+    for ax, ckpt in zip(axes[0], checkpoints):
+        values, returns = episode_values(ckpt, data_path)
+        order = np.argsort(returns)
+        for i, label in ((order[-1], "best"), (order[len(order) // 2], "median"), (order[0], "worst")):
+            ax.plot(values[i], label=f"{label} episode (return {returns[i]:,.0f})")
+        ax.set(title=f"{Path(ckpt).name}\nV ranks {ranking(values, returns):.0%} of episode pairs right",
+               xlabel="step t", ylabel="V(s_t)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("logs", metavar="LOG.csv", type=Path, nargs="+", help="training logs written by train.py")
+    p.add_argument("logs", metavar="LOG.csv", type=Path, nargs="*", help="training logs written by train.py")
+    p.add_argument("--values", metavar="CKPT", nargs="+", help="IQL checkpoints: draw V(s_t) along episodes of --data")
+    p.add_argument("--data", type=Path, help="with --values: the data file the episodes come from")
+    p.add_argument("--out", type=Path, default=Path("values.png"), help="with --values: the PNG to write")
     args = p.parse_args(argv)
     require_matplotlib(p, "plot.py")
+    if args.values:
+        if not args.data:
+            p.error("--values needs --data, the file whose episodes to draw")
+        plot_values(args.values, args.data, args.out)
+        print(f"plot: {args.out}")
+    elif not args.logs:
+        p.error("give training logs to draw, or --values")
     for log in args.logs:
         print(f"plot: {plot_log(log)}")
 
@@ -108,5 +165,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except RunError as e:
+    except (RunError, DataError) as e:
         sys.exit(f"error: {e}")

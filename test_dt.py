@@ -5,6 +5,7 @@ helpers beside them); the first tests are the Decision Transformer's specificati
 import csv
 import hashlib
 import http.server
+import importlib.util
 import json
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import bench
 import checkpoint
 import download
 import evaluate
+import iql
 import plot
 import rollout
 import train
@@ -496,23 +498,26 @@ def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, cap
                     *TINY, "--out", str(out)] + (["--target", target] if target else []))
         assert shown in capsys.readouterr().out
 
-def test_resume_continues_a_run_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["dt", "iql"])
+def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
-    # Dropout stays at 0.1, so the global RNG matters as much as the sampler's.
-    run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *TINY]
+    # The DT's dropout stays at 0.1, so the global RNG matters as much as the sampler's; IQL's
+    # target networks and its actor's learning-rate schedule must come back too.
+    size = TINY if model == "dt" else ["--batch-size", "8", "--n-embd", "16"]
+    run = ["--data", str(data), "--model", model, "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     train.main(run + ["--out", str(straight)])
 
-    calls = 0
+    calls, real_step = 0, train.sample_and_step
 
-    def sample_then_ctrl_c(*args):
+    def step_then_ctrl_c(*args):
         nonlocal calls
         calls += 1
         if calls == 6:  # Ctrl-C arrives during step 6 of 12
             signal.raise_signal(signal.SIGINT)
-        return sample_batch(*args)
+        return real_step(*args)
 
-    monkeypatch.setattr(train, "sample_batch", sample_then_ctrl_c)
+    monkeypatch.setattr(train, "sample_and_step", step_then_ctrl_c)
     train.main(run + ["--out", str(split)])
     assert torch.load(split, weights_only=True)["step"] == 6
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
@@ -603,6 +608,92 @@ def test_a_run_reports_its_budget_precision_and_full_progress(tmp_path):
     assert f"device cpu, {precision}" in proc.stdout
     assert "7/7" in proc.stderr  # the progress bar counts the last step too
 
+
+
+# --- iql.py: the value-based baseline -------------------------------------------------------------
+
+def iql_args(**changes):
+    return train.parse_args(["--model", "iql", *[x for k, v in changes.items() for x in (f"--{k}", str(v))]])
+
+
+def test_expectile_loss_weighs_q_above_v_by_the_expectile():
+    diff = torch.tensor([2.0, -1.0, 0.5])  # Q - V
+    # (0.7 * 2^2 + 0.3 * 1^2 + 0.7 * 0.5^2) / 3, worked by hand
+    assert iql.expectile_loss(diff, 0.7).item() == pytest.approx((2.8 + 0.3 + 0.175) / 3)
+    assert iql.expectile_loss(diff, 0.5).item() == pytest.approx((4 + 1 + 0.25) / 3 / 2)  # half the MSE
+
+
+@pytest.mark.parametrize("with_next_observations", [True, False])
+def test_transitions_respect_terminals_time_limits_and_delayed_rewards(tmp_path, with_next_observations):
+    lengths = [4, 3, 5]  # episode 1 ends by falling (terminals), episodes 0 and 2 by the time limit
+    path = write_d4rl(tmp_path / "hopper-t.hdf5", lengths, extra_keys=False, state_dim=11, act_dim=3)
+    with h5py.File(path, "a") as f:
+        obs, rewards = f["observations"][()], f["rewards"][()].astype(np.float64)
+        if with_next_observations:
+            f["next_observations"] = obs + 100.0  # nothing like the next row: which one is used shows
+    data, _ = load_trajectories(path, transitions=True)
+    raw = lambda x: x * data.norm.state_std + data.norm.state_mean  # noqa: E731
+    starts, ends = [0, 4, 7], [3, 6, 11]
+    totals = [rewards[s:e + 1].sum() for s, e in zip(starts, ends)]
+    scale = 1000 / (max(totals) - min(totals))  # the IQL paper's reward scaling for locomotion
+    torch.testing.assert_close(data.rewards, torch.tensor(rewards * scale, dtype=torch.float32))
+    assert data.terminals.tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # only the fall ends the MDP
+    inside = [i for i in range(12) if i not in ends]
+    torch.testing.assert_close(data.next_states[inside], data.states[[i + 1 for i in inside]])
+    for e in (3, 11):  # cut by the time limit: bootstrapped, from the file's s' or the step's own state
+        expected = obs[e] + 100.0 if with_next_observations else obs[e]
+        torch.testing.assert_close(raw(data.next_states[e]), torch.tensor(expected), rtol=0, atol=1e-4)
+
+    delayed, _ = load_trajectories(path, transitions=True, reward_mode="delayed")
+    assert delayed.terminals.tolist() == [1.0 if i in ends else 0.0 for i in range(12)]  # paid, then over
+    expected = np.zeros(12)
+    expected[ends] = np.array(totals) * scale  # every episode's whole return on its last step
+    torch.testing.assert_close(delayed.rewards, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_the_td_target_does_not_bootstrap_past_a_termination():
+    torch.manual_seed(0)
+    model = iql.IQL(DTConfig(kind="iql", state_dim=S, act_dim=A, n_layer=2, n_embd=32))
+    args = iql_args()
+    s, a = torch.randn(2, S), torch.rand(2, A) * 2 - 1
+    r, s_next = torch.tensor([1.0, 1.0]), torch.randn(2, S)
+    for terminal, changes in (([1.0, 1.0], False), ([0.0, 1.0], True)):
+        batch = (s, a, r, s_next, torch.tensor(terminal))
+        moved = s_next.clone()
+        moved[0] += 3.0  # a different s' for transition 0 only
+        before = iql.iql_loss(model, batch, args)
+        after = iql.iql_loss(model, (s, a, r, moved, torch.tensor(terminal)), args)
+        assert (before != after) == changes
+
+
+def test_iql_trains_evaluates_and_counts_an_epoch_in_transitions(tmp_path, capsys):
+    data = write_d4rl(tmp_path / "halfcheetah-iql.hdf5", [200] * 6)
+    out = tmp_path / "iql.pt"
+    train.main(["--data", str(data), "--model", "iql", "--epochs", "2", "--batch-size", "64", "--n-embd", "32",
+                "--log-every", "5", "--eval-every", "10", "--eval-episodes", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "'expectile': 0.7, 'temperature': 3.0, 'discount': 0.99, 'tau': 0.005" in printed
+    assert "38 steps (19 per epoch)" in printed  # 1200 transitions, 64 a batch
+    saved = torch.load(out, weights_only=True)
+    assert saved["model_config"]["kind"] == "iql"
+    # The target networks moved, slowly: Polyak averaging, not a copy.
+    q, target = saved["model"]["q1.0.weight"], saved["model"]["q1_target.0.weight"]
+    assert not torch.equal(q, target)
+    evaluate.main([str(out), "--target", "0", "12000", "--episodes", "2", "--json"])
+    captured = capsys.readouterr()
+    results = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(results) == 1 and results[0]["model"] == "iql" and "evaluating once" in captured.err
+    assert_usage_error(run_cli("train.py", "--data", str(data), "--expectile", "0.9"), "for --model iql only")
+    if importlib.util.find_spec("matplotlib"):  # V(s_t) along the data's episodes, as the README draws it
+        png = tmp_path / "values.png"
+        plot.main(["--values", str(out), "--data", str(data), "--out", str(png)])
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_value_ranking_counts_the_pairs_of_episodes_in_the_right_order():
+    values = [np.array([1.0, 1.0]), np.array([3.0]), np.array([2.0, 2.0, 2.0])]
+    # returns rank the episodes 1 > 0 > 2; V's means rank them 1 > 2 > 0: pairs (1,0) and (1,2) right
+    assert plot.ranking(values, np.array([5.0, 9.0, 1.0])) == pytest.approx(2 / 3)
 
 
 # --- checkpoint.py: devices, output files, checkpoints ----------------------------------------
