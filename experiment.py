@@ -34,6 +34,8 @@ METHODS = {
     "bc": ["--model", "bc", "--max-steps", "50000", "--eval-every", "10000"],
     "bc10": ["--model", "bc", "--top-pct", "10", "--max-steps", "50000", "--eval-every", "10000"],
     "iql": ["--model", "iql", "--max-steps", "200000", "--eval-every", "20000", "--log-every", "1000"],
+    # The IQL paper's own budget, to see whether IQL's curve is still rising where ours stops.
+    "iql-1M": ["--model", "iql", "--max-steps", "1000000", "--eval-every", "50000", "--log-every", "1000"],
 }
 COLUMNS = ["method", "dataset", "reward_mode", "seed", "steps", "train_s", "target", "episodes",
            "mean_return", "std_return", "normalized_score"]
@@ -43,7 +45,7 @@ def plan():
     """(name, body, method, reward mode, seed), seed 0 of everything first: a run stopped part-way
     still leaves every cell of the table filled once. Dense figures get 3 seeds, delayed ones 2;
     BC and 10% BC never see a reward-to-go, so they train to the same weights in both modes and
-    run once."""
+    run once. Last, one IQL run at the IQL paper's 1M steps."""
     runs = []
     for seed in (0, 1, 2):
         for body in ("halfcheetah", "hopper", "walker2d"):
@@ -52,7 +54,7 @@ def plan():
                     if (mode == "delayed" and (method.startswith("bc") or seed == 2)):
                         continue
                     runs.append((f"{body}-{method}-{mode}-s{seed}", body, method, mode, seed))
-    return runs
+    return runs + [("halfcheetah-iql-1M-dense-s0", "halfcheetah", "iql-1M", "dense", 0)]
 
 
 def run(name, body, method, mode, seed, data_dir):
