@@ -96,7 +96,7 @@ def gather():
 
 
 def table():
-    """Normalized score per method and dataset: mean ± std over seeds, each seed's score after."""
+    """Normalized score per method and dataset: mean ± std over seeds, then each seed's score."""
     with open(RESULTS / "medium-expert.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     print("| method | rewards | " + " | ".join(FILES) + " |")
@@ -107,9 +107,11 @@ def table():
             for body in FILES:
                 scores = [float(r["normalized_score"]) for r in rows
                           if (r["method"], r["reward_mode"], r["dataset"]) == (method, mode, FILES[body])]
-                cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} ({', '.join(f'{s:.1f}' for s in scores)})"
-                             if scores else "")
-            if any(cells):
+                if len(scores) > 1:
+                    cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} ({', '.join(f'{s:.1f}' for s in scores)})")
+                else:
+                    cells.append(f"{scores[0]:.1f} (one seed)" if scores else "not run yet")
+            if any(c != "not run yet" for c in cells):
                 print(f"| {method} | {mode} | " + " | ".join(cells) + " |")
 
 
@@ -117,7 +119,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default="data", help="folder holding the three medium-expert files")
     p.add_argument("--list", action="store_true", help="print the plan and what is done; run nothing")
-    p.add_argument("--table", action="store_true", help="print the results as a Markdown table; run nothing")
+    p.add_argument("--table", action="store_true", help="rebuild results/medium-expert.csv from the runs' JSON "
+                   "and print it as a Markdown table; run nothing")
     p.add_argument("--only", help="run only the plan entries whose name contains this text")
     args = p.parse_args(argv)
     if args.list:
@@ -125,6 +128,7 @@ def main(argv=None):
             print(f"{'done' if (RESULTS / 'runs' / f'{name}.json').exists() else '    '}  {name}")
         return
     if args.table:
+        gather()
         table()
         return
     missing = [f for f in FILES.values() if not (Path(args.data_dir) / f).exists()]

@@ -56,19 +56,23 @@ def plot_log(path):
     """Draw the log at `path` as a PNG beside it; returns the PNG's path."""
     log = read_log(path)
     plt = pyplot()
+    from matplotlib.ticker import EngFormatter
     evals = [(s, v) for s, v in zip(log["step"], log["eval_score"]) if not math.isnan(v)]
     panels = 3 if evals else 2
     fig, axes = plt.subplots(panels, 1, sharex=True, figsize=(6, 2 * panels + 0.6), dpi=120)
     axes[0].plot(log["step"], log["loss"])
-    # The loss falls by an order of magnitude in the first few hundred steps; a log scale keeps
-    # the slow part of training, where the policy gets good, readable.
-    axes[0].set(yscale="log", ylabel="training loss", title=f"{path.name}: training")
+    # The DT's loss falls by an order of magnitude in the first few hundred steps; a log scale keeps
+    # the slow part of training, where the policy gets good, readable. IQL's sum of losses holds a
+    # log-likelihood and goes below zero, where only a linear scale can show it.
+    positive = min(log["loss"]) > 0
+    axes[0].set(yscale="log" if positive else "linear", ylabel="training loss", title=f"{path.name}: training")
     axes[1].plot(log["step"], log["lr"])
     axes[1].set(ylabel="learning rate")
     if evals:
         axes[2].plot(*zip(*evals), marker="o")
         axes[2].set(ylabel="normalized score")
     axes[-1].set(xlabel="step")
+    axes[-1].xaxis.set_major_formatter(EngFormatter())  # 50 k, not 50000 running into 100000
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -23,6 +23,7 @@ import bench
 import checkpoint
 import download
 import evaluate
+import experiment
 import iql
 import plot
 import rollout
@@ -944,7 +945,7 @@ def test_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, capsys, m
 
 
 
-# --- distributed.py and bench.py --------------------------------------------------------------
+# --- distributed.py, bench.py and experiment.py ------------------------------------------------
 
 def test_torchrun_trains_data_parallel_on_two_cpu_processes(tmp_path):
     data = write_d4rl(tmp_path / "halfcheetah-ddp.hdf5", [50] * 4)
@@ -976,6 +977,25 @@ def test_bench_runs_and_reports_every_figure(capsys):
     assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
 
 
+
+
+def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys):
+    names = [name for name, *_ in experiment.plan()]
+    assert len(names) == len(set(names))
+    for body in experiment.FILES:
+        for method, seeds in (("dt-dense", 3), ("iql-dense", 3), ("dt-delayed", 2), ("iql-delayed", 2),
+                              ("bc-dense", 3), ("bc10-dense", 3), ("bc-delayed", 0), ("bc10-delayed", 0)):
+            assert sum(n.startswith(f"{body}-{method}-s") for n in names) == seeds, (body, method)
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path)
+    (tmp_path / "runs").mkdir()
+    for seed, score in ((0, 90.0), (1, 80.0)):
+        row = dict(method="dt", dataset=experiment.FILES["hopper"], reward_mode="dense", seed=seed, steps=10,
+                   train_s=1.0, target=3600.0, episodes=10, mean_return=1.0, std_return=0.0, normalized_score=score)
+        (tmp_path / "runs" / f"hopper-dt-dense-s{seed}.json").write_text(json.dumps(row))
+    experiment.main(["--table"])
+    assert "| dt | dense | not run yet | 85.0 ± 5.0 (90.0, 80.0) | not run yet |" in capsys.readouterr().out
+    with open(tmp_path / "medium-expert.csv") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
 
 
 # --- download.py ------------------------------------------------------------------------------
