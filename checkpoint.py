@@ -169,8 +169,8 @@ def restore(saved, model, optimizer, gen, args, rank):
 def claim_output(path, resuming, overwrite):
     """Make sure the run may write `path` (and its log beside it) before any work is done: its
     folder exists and is writable, no other run is writing it, and an existing checkpoint is
-    replaced only when asked. Returns the lock, held until the process exits: an flock is
-    released by the kernel when its holder dies, so a killed run never blocks the next one."""
+    replaced only when asked. Returns the lock, held until release_output or the end of the
+    process: an flock dies with its holder, so a killed run never blocks the next one."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,10 +182,11 @@ def claim_output(path, resuming, overwrite):
     except BlockingIOError:
         lock.seek(0)
         other = lock.read().strip() or "another process"
+        lock.close()
         raise RunError(f"{path} is being written by a run that is still going ({other}); wait for it, "
                        f"or choose another --out") from None
     if path.exists() and not (resuming or overwrite):
-        lock.close()
+        release_output(lock)
         raise RunError(f"{path} already holds a run (step {read_step(path)}); continue it with --resume "
                        f"{path}, replace it with --overwrite, or choose another --out")
     lock.seek(0)

@@ -735,7 +735,7 @@ def test_a_finished_run_is_replaced_only_when_asked(tmp_path):
     assert run_cli(*run).returncode == 0
     before = out.read_bytes()
     assert_one_line_error(run_cli(*run), str(out), "already holds a run (step 3)", "--overwrite", "--resume")
-    assert out.read_bytes() == before
+    assert out.read_bytes() == before and not Path(f"{out}.lock").exists()
     proc = run_cli(*run, "--overwrite", "--seed", "1")
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() != before

@@ -198,6 +198,7 @@ def main(argv=None):
     # Settle the output before any work: a path that cannot be written is found now, not after
     # the first save, and a run still writing there is never clobbered.
     lock = claim_output(args.out, resuming=saved is not None, overwrite=args.overwrite) if master else None
+    log_file = None
     try:
         say(f"config: {vars(args)}" + (f"; {world} processes" if world > 1 else ""))
         torch.manual_seed(args.seed)  # the same initial weights in every process
@@ -219,8 +220,9 @@ def main(argv=None):
                     **{k: v.cpu() if torch.is_tensor(v) else v for k, v in vars(data.norm).items()},
                     "train_args": vars(args)}
         say(describe_data(args, data, env_id, device))
-        say(f"model: {args.model}, {sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M parameters; "
-            f"{total_steps} steps ({steps_per_epoch} per epoch)" + (f"; resuming at step {start_step}" if saved else ""))
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not IQL's target networks
+        say(f"model: {args.model}, {n_params / 1e6:.2f}M parameters; {total_steps} steps ({steps_per_epoch} per epoch)"
+            + (f"; resuming at step {start_step}" if saved else ""))
         if start_step >= total_steps:
             say(f"{args.out} has already finished its {total_steps} steps")
             return
@@ -279,10 +281,11 @@ def main(argv=None):
                     break
         bar.close()
         if master:
-            log_file.close()
             report_end(args, world, done, total_steps, saved_step, start_step, elapsed, elapsed_before,
                        loss_avg, log_path)
     finally:
+        if log_file:
+            log_file.close()
         if lock:
             release_output(lock)
 
