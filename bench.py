@@ -3,7 +3,8 @@ How fast does this code train and evaluate on this machine? Prints a table (or, 
 one JSON object) of:
 
   training   samples/s and steps/s of train.py's own step (model, optimizer, sampler, bf16
-             autocast where train.py uses it, torch.compile on CUDA), timed after a warm-up;
+             autocast where train.py uses it, torch.compile with --compile, the default on
+             CUDA), timed after a warm-up;
              compile time is reported apart
   sampler    milliseconds per batch for the batch sampler alone
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel, and the
@@ -47,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first (compile happens here)")
     p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="parallel episodes to time")
-    p.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="as train.py --compile (default: on CUDA, off on a CPU)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32, as train.py --no-amp does")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
@@ -75,8 +77,9 @@ def write_synthetic(path, episodes=1000, length=1000, state_dim=17, act_dim=6, s
 
 def train_args(args):
     """train.py's own settings, with the model and batch flags given here."""
-    argv = ["--device", args.device] + (["--no-compile"] if args.no_compile else []) + \
-           (["--no-amp"] if args.no_amp else [])
+    argv = ["--device", args.device] + (["--no-amp"] if args.no_amp else [])
+    if args.compile is not None:
+        argv.append("--compile" if args.compile else "--no-compile")
     for name in ("batch_size", "context_len", "n_layer", "n_head", "n_embd"):
         if getattr(args, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
@@ -100,7 +103,7 @@ def bench_training(data, targs, device, steps, warmup):
         sync(device)
 
     t0 = time.perf_counter()
-    run(warmup)  # includes torch.compile's tracing and autotuning on CUDA
+    run(warmup)  # includes torch.compile's tracing and code generation when compiling
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     run(steps)
@@ -161,7 +164,7 @@ def main(argv=None):
         "train_samples_per_s": targs.batch_size / step_s,
         "train_steps_per_s": 1 / step_s,
         "warmup_s": warmup_s,
-        "compiled": device == "cuda" and not args.no_compile,
+        "compiled": targs.compile if targs.compile is not None else device == "cuda",
         "bf16": bf16,
         "sampler_ms_per_batch": sampler_s * 1e3,
         "sampler_share_of_step": sampler_s / step_s,

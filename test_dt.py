@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import importlib.util
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from model import BehaviourCloning, DecisionTransformer, DTConfig, configure_opt
 HERE = Path(__file__).parent
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
 TINY = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
+needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                    reason="torch.compile on a CPU needs a C++ compiler")
 
 
 def write_d4rl(path, lengths, timeout_last=True, seed=0, extra_keys=True, state_dim=S, act_dim=A):
@@ -491,6 +494,26 @@ def test_hopper_and_walker_train_and_evaluate_with_early_terminations(tmp_path, 
 
 
 
+@needs_compiler
+def test_a_compiled_forward_gives_the_eager_loss_and_gradients(tmp_path):
+    data, _ = load_trajectories(write_d4rl(tmp_path / "halfcheetah-c.hdf5", [50] * 4))
+    batch = sample_batch(data, 8, 4, torch.Generator().manual_seed(0))
+    results = {}
+    for flag in ("--no-compile", "--compile"):
+        args = train.parse_args([*TINY, flag, "--dropout", "0", "--no-amp"])
+        torch.manual_seed(0)
+        model, train_model, optimizer, amp = train.setup_training(train.model_config(args, data), args, "cpu")
+        assert (train_model is not model) == (flag == "--compile")
+        states, actions, rtg, timesteps, mask = batch
+        loss = train.action_loss(train_model(states, actions, rtg, timesteps, mask), actions, mask)
+        loss.backward()
+        results[flag] = loss.item(), [p.grad.clone() for p in model.parameters()]
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = results.values()
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    for e, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
+
+
 def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, capsys):
     data = write_d4rl(tmp_path / "halfcheetah-t.hdf5", [50] * 4)
     for target, shown in (("0", "at target 0"), (None, "at target 12000")):
@@ -499,13 +522,14 @@ def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, cap
                     *TINY, "--out", str(out)] + (["--target", target] if target else []))
         assert shown in capsys.readouterr().out
 
-@pytest.mark.parametrize("model", ["dt", "iql"])
+@pytest.mark.parametrize("model", ["dt", "iql", pytest.param("dt-compiled", marks=needs_compiler)])
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
     # The DT's dropout stays at 0.1, so the global RNG matters as much as the sampler's; IQL's
-    # target networks and its actor's learning-rate schedule must come back too.
-    size = TINY if model == "dt" else ["--batch-size", "8", "--n-embd", "16"]
-    run = ["--data", str(data), "--model", model, "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size]
+    # target networks and its actor's learning-rate schedule must come back too; a compiled
+    # forward must give the same steps after a restart as before it.
+    size = {"dt": TINY, "dt-compiled": [*TINY, "--compile"], "iql": ["--model", "iql", "--batch-size", "8", "--n-embd", "16"]}
+    run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size[model]]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     train.main(run + ["--out", str(straight)])
 

@@ -77,7 +77,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--no-amp", action="store_true",
                    help="train in fp32 instead of bf16 autocast (CUDA, and CPUs with bf16 arithmetic)")
-    p.add_argument("--no-compile", action="store_true", help="CUDA: skip torch.compile")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the DT's and BC's training forward (default: on CUDA, off on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt.pt", help="checkpoint path; the CSV log goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run's checkpoint at --out")
@@ -139,16 +140,21 @@ def use_bf16(args, device):
 
 
 def setup_training(cfg, args, device):
-    """The model, the callable the training forward goes through (compiled on CUDA, wrapped in DDP
-    under torchrun), the optimizer and the autocast context: one place, so bench.py measures
-    exactly what train.py runs."""
+    """The model, the callable the training forward goes through (compiled with --compile, the
+    default on CUDA; wrapped in DDP under torchrun), the optimizer and the autocast context: one
+    place, so bench.py measures exactly what train.py runs."""
     model = build_model(cfg).to(device)
     on_cuda = device.startswith("cuda")
     if args.model == "iql":
         optimizer = iql.configure_optimizer(model, args.lr)
     else:
         optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type="cuda" if on_cuda else "cpu")
-    train_model = distributed.wrap(torch.compile(model) if on_cuda and not args.no_compile else model, device)
+    compile_forward = args.compile if args.compile is not None else on_cuda
+    if compile_forward and args.model != "iql":  # IQL calls its networks one by one, not through forward
+        train_model = torch.compile(model)
+    else:
+        train_model = model
+    train_model = distributed.wrap(train_model, device)
     # bf16 for the matmuls, fp32 weights and optimizer state; action_loss is taken in fp32.
     amp = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16(args, device))
     return model, train_model, optimizer, amp
