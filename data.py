@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datafiles import DataError, read_hdf5
+from datafiles import DataError, read_file
 
 # Which gymnasium environment a dataset belongs to, from its file name (D4RL names start with the
 # body: halfcheetah-expert-v2.hdf5). D4RL's v2 data came from the old mujoco-py v2 envs, which
@@ -149,7 +149,7 @@ def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE, reward_mode="d
     state statistics from them); reward_mode "delayed" trains on delay_rewards' returns-to-go (and
     rewards). Whatever the mode, episode_returns are the true (dense) returns. `transitions` also
     builds IQL's (r, s', done) for every step (see next_states)."""
-    arrays, env_attr = read_hdf5(path)
+    arrays, env_attr = read_file(path)
     ends = episode_ends(arrays["terminals"], arrays["timeouts"])
     episodes_in_file = int(ends.sum())
     if top_pct < 100:
@@ -240,9 +240,10 @@ def sample_transitions(data, batch_size, generator=None):
 
 
 def env_id_for(path):
-    """Guess the gymnasium env id from a dataset file name (None when it names no known body)."""
-    name = Path(path).name.lower()
-    for body, env_id in ENV_IDS.items():
-        if name.startswith(body):
-            return env_id
+    """Guess the gymnasium env id from a dataset's name: the file's, else the nearest folder's that
+    starts with a body (halfcheetah-expert-v2/train/0000.parquet). None when none does."""
+    for name in (p.name.lower() for p in (Path(path), *Path(path).parents)):
+        for body, env_id in ENV_IDS.items():
+            if name.startswith(body):
+                return env_id
     return None

@@ -1,10 +1,12 @@
 """
-Reading trajectory files: D4RL's flat HDF5 layout and Minari's (one group per episode), checked on
-the way in. A data file is untrusted input: every way it can be wrong (a missing key, mismatched
-lengths, a wrong shape or type, NaN, a damaged file) ends in one DataError naming the file, the key
-and the problem, never in a traceback from deep inside training.
+Reading trajectory files, checked on the way in: D4RL's flat HDF5 layout, Minari's (one group per
+episode, in a dataset folder with its metadata.json), and the Parquet files of the Hugging Face
+dataset edbeeching/decision_transformer_gym_replay (one row per trajectory). A data file is
+untrusted input: every way it can be wrong (a missing key, mismatched lengths, a wrong shape or
+type, NaN, a damaged file) ends in one DataError naming the file, the key and the problem, never in
+a traceback from deep inside training. Nothing is ever unpickled.
 
-read_hdf5(path) -> ({key: array} with D4RL's five keys, the env id the file records or None)
+read_file(path) -> ({key: array} with D4RL's five keys, the env id the data records or None)
 """
 import json
 from pathlib import Path
@@ -19,12 +21,26 @@ class DataError(Exception):
     """A data file that cannot be used; the message names the file and the problem."""
 
 
-def read_hdf5(path):
-    """Read and check the five D4RL arrays; any other key is ignored."""
+def read_file(path):
+    """Any trajectory file or folder this project reads -> (D4RL's arrays, env id or None)."""
     path = Path(path)
     if path.is_dir():
-        raise DataError(f"{path}: is a folder; expected an HDF5 file of trajectories (D4RL's NAME.hdf5, "
-                        f"or a Minari dataset's data/main_data.hdf5)")
+        for minari_file in (path / "data" / "main_data.hdf5", path / "main_data.hdf5"):  # a Minari dataset
+            if minari_file.is_file():
+                return read_hdf5(minari_file)
+        if any(path.glob("*.parquet")):
+            return read_parquet(path)
+        raise DataError(f"{path}: is a folder without trajectories; expected a D4RL .hdf5 file, a Minari "
+                        f"dataset folder (holding data/main_data.hdf5) or a folder of Parquet files")
+    if path.suffix == ".parquet":
+        return read_parquet(path)
+    return read_hdf5(path)
+
+
+def read_hdf5(path):
+    """Read and check the five D4RL arrays (and next_observations when present); any other key is
+    ignored."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -37,7 +53,7 @@ def read_hdf5(path):
         except Exception as e:
             raise DataError(f"{path}: the file is damaged ({one_line(e)})") from None
         if minari:
-            return read_minari(f, path), minari_env_id(f)
+            return read_minari(f, path), minari_env_id(f, path)
         arrays = {k: read_key(f, k, path) for k in REQUIRED_KEYS}
         next_obs = read_key(f, "next_observations", path)  # optional: IQL's s' where an episode is cut
         try:
@@ -137,9 +153,76 @@ def read_minari(f, path):
     return {k: np.concatenate([ep[k] for ep in episodes]) for k in keys}
 
 
-def minari_env_id(f):
-    """The env id Minari records as JSON in the root attribute env_spec (None if absent)."""
+def minari_env_id(f, path):
+    """The env id a Minari dataset records: in metadata.json beside main_data.hdf5 (Minari 0.5), or
+    in the file's root attribute env_spec (older files); None if neither says (--env can)."""
+    try:
+        metadata = json.loads(Path(path).with_name("metadata.json").read_text())
+        return json.loads(metadata["env_spec"])["id"]
+    except Exception:  # no metadata.json, or not Minari's: the attribute may still say
+        pass
     try:
         return json.loads(f.attrs["env_spec"])["id"]
-    except Exception:  # absent or unreadable: the user can still pass --env
+    except Exception:
         return None
+
+
+PARQUET_COLUMNS = ("observations", "actions", "rewards", "dones")
+
+
+def read_parquet(path):
+    """The Hugging Face Decision Transformer dataset's layout: one row per trajectory, each column a
+    list over its steps (observations and actions lists of vectors). `dones` marks where the MDP
+    ended; a row that ends without it was cut by the time limit. A folder reads all its .parquet
+    files in name order."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path}: reading Parquet needs pyarrow, which is optional: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # ArrowInvalid, OSError, ... for anything that is not (intact) Parquet
+        raise DataError(f"{path}: cannot be read as Parquet ({one_line(e)})") from None
+    missing = [c for c in PARQUET_COLUMNS if c not in table.column_names]
+    if missing:
+        raise DataError(f"{path}: not a trajectory table, missing column(s) {', '.join(missing)}")
+    columns = {c: parquet_steps(table.column(c), c, path) for c in PARQUET_COLUMNS}
+    lengths = columns["observations"][1]
+    for c, (_, n) in columns.items():
+        if not np.array_equal(n, lengths):
+            row = int(np.flatnonzero(n != lengths)[0])
+            raise DataError(f"{path}: row {row}: column '{c}' has {n[row]} steps but 'observations' has {lengths[row]}")
+    if lengths.min() == 0:
+        raise DataError(f"{path}: row {int(np.argmin(lengths))} has no steps")
+    dones = columns["dones"][0].astype(bool)
+    timeouts = np.zeros(len(dones), bool)
+    last = np.cumsum(lengths) - 1
+    timeouts[last] = ~dones[last]  # every row is one whole episode
+    arrays = {"observations": columns["observations"][0], "actions": columns["actions"][0],
+              "rewards": columns["rewards"][0], "terminals": dones, "timeouts": timeouts}
+    check_arrays(arrays, path)
+    return arrays, None
+
+
+def parquet_steps(column, name, path):
+    """A list column -> (its steps stacked: (N,) or (N, width), steps per row (rows,))."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    try:
+        column = column.combine_chunks()
+        if not pa.types.is_list(column.type) or column.null_count:
+            raise ValueError("not one list per row")
+        steps = column.flatten()
+        if pa.types.is_list(steps.type):  # vectors: every step the same width
+            widths = pc.list_value_length(steps).to_numpy(zero_copy_only=False)
+            if steps.null_count or len(widths) and (widths != widths[0]).any():
+                raise ValueError("vectors of different widths")
+            values = steps.flatten().to_numpy(zero_copy_only=False).reshape(len(steps), -1)
+        else:
+            values = steps.to_numpy(zero_copy_only=False)
+        if values.dtype.kind not in "biuf":
+            raise ValueError(f"{values.dtype} values, not numbers")
+        return values, pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    except (ValueError, TypeError, pa.ArrowException) as e:
+        raise DataError(f"{path}: column '{name}' is not a list of steps per row ({one_line(e)})") from None

@@ -1,8 +1,23 @@
 """
-Download D4RL's MuJoCo datasets (HDF5) into data/.
+Download D4RL's MuJoCo datasets (HDF5) into data/, and find data from where users already have it.
 
     python download.py halfcheetah-expert-v2
     python download.py hopper-medium-replay-v2 --url https://mirror.example/hopper.hdf5
+    python download.py --list                      # every D4RL dataset, with its size on the server
+
+D4RL's qualities, per body: random (a random policy), medium (a policy trained to about a third of
+the expert's return), expert, medium-replay (the replay buffer of the medium policy's training,
+up to that point), medium-expert (D4RL's medium and expert files concatenated, half and half) and
+full-replay (the whole replay buffer of an agent trained from scratch to the expert's level: every
+return in between, the data on which asking for a return should give about that return).
+
+train.py --data also takes, through locate():
+    minari:mujoco/halfcheetah/expert-v0    a Minari dataset, from $MINARI_DATASETS_PATH or
+                                          ~/.minari/datasets; downloaded with the minari package
+                                          (pip install minari) when it is not there
+    hf:halfcheetah-expert-v2               the Hugging Face dataset the original Decision
+                                          Transformer blog trained on (Parquet; needs
+                                          pip install huggingface_hub pyarrow)
 
 Bytes are streamed into NAME.hdf5.part. A dropped or stalled connection is retried with backoff and
 resumed where it stopped (HTTP Range); run the same command again to resume after giving up. The
@@ -18,20 +33,23 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tqdm import tqdm
 
-from datafiles import DataError, read_hdf5
+from datafiles import DataError, one_line, read_hdf5
 
 BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 BODIES = ("halfcheetah", "hopper", "walker2d")
-QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert")
+QUALITIES = ("random", "medium", "medium-replay", "medium-expert", "expert", "full-replay")
 # D4RL's own naming: halfcheetah-medium-replay-v2 is served as halfcheetah_medium_replay-v2.hdf5.
 DATASETS = {
     f"{b}-{q}-v2": f"{BASE_URL}/{b}_{q.replace('-', '_')}-v2.hdf5" for b in BODIES for q in QUALITIES
 }
 OFFLINE_HINT = "Offline or host unreachable? Train on a local copy with: python train.py --data PATH"
+HF_REPO = "edbeeching/decision_transformer_gym_replay"
+HF_CONFIGS = [f"{b}-{q}-v2" for b in BODIES for q in ("medium", "medium-replay", "expert")]
 
 
 class DownloadError(Exception):
@@ -174,14 +192,93 @@ def fetch_and_verify(url, dest, timeout, retries, backoff):
     return dest
 
 
+def locate(spec):
+    """train.py's --data as a user writes it -> a local path: minari:ID and hf:CONFIG are found or
+    fetched, a missing data/NAME.hdf5 named after a D4RL dataset is downloaded, a file that was
+    downloaded is checked against its recorded SHA-256, and anything else is returned as it is."""
+    if spec.startswith("minari:"):
+        return minari_dataset(spec.removeprefix("minari:"))
+    if spec.startswith("hf:"):
+        return hf_parquet(spec.removeprefix("hf:"))
+    path = Path(spec)
+    if path.is_file():
+        check_recorded_sha256(path)
+    elif not path.exists() and path.suffix == ".hdf5" and path.stem in DATASETS:
+        download(path.stem, path)
+    return path
+
+
+def minari_dataset(dataset_id):
+    """A Minari dataset's folder, where the minari package keeps it; fetched with that package
+    (with its progress bar) when it is not on disk yet."""
+    root = Path(os.environ.get("MINARI_DATASETS_PATH") or Path.home() / ".minari" / "datasets")
+    folder = root / dataset_id
+    if (folder / "data" / "main_data.hdf5").is_file():
+        return folder
+    try:
+        import minari
+    except ImportError:
+        raise DownloadError(f"minari:{dataset_id} is not in {root}; pip install minari and run again to download "
+                            f"it, or point --data at the dataset's folder") from None
+    try:
+        minari.download_dataset(dataset_id)
+    except Exception as e:  # unknown id, no network: minari's own words, on one line
+        raise DownloadError(f"cannot download minari:{dataset_id} ({one_line(e)}). {OFFLINE_HINT}") from None
+    return folder
+
+
+def hf_parquet(config):
+    """The Parquet file of one configuration of the Hugging Face dataset, fetched into (or found
+    in) the Hugging Face cache. Only Parquet: the dataset's pickle files are never loaded."""
+    if config not in HF_CONFIGS:
+        raise DownloadError(f"unknown Hugging Face configuration {config!r}; known: {', '.join(HF_CONFIGS)}")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise DownloadError(f"hf:{config} needs the huggingface_hub package: pip install huggingface_hub pyarrow "
+                            f"(or download {config}/train/0000.parquet yourself and pass its path)") from None
+    try:
+        return Path(hf_hub_download(HF_REPO, f"{config}/train/0000.parquet", repo_type="dataset",
+                                    revision="refs/convert/parquet"))
+    except Exception as e:
+        raise DownloadError(f"cannot download hf:{config} ({one_line(e)}). {OFFLINE_HINT}") from None
+
+
+def remote_size(url, timeout=10):
+    """The size the server announces for `url` (a HEAD request), or None when it does not answer."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as response:
+            size = response.headers.get("Content-Length")
+            return int(size) if size else None
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+
+
+def list_datasets(timeout=10):
+    """One line per D4RL dataset with its size on the server, asked for all at once."""
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        sizes = dict(zip(DATASETS, pool.map(lambda url: remote_size(url, timeout), DATASETS.values())))
+    for name, size in sizes.items():
+        print(f"{name:32s} {f'{size / 1e6:,.0f} MB' if size else 'size unknown (no answer)':>26}")
+    if not any(sizes.values()):
+        print(f"(no answer from {BASE_URL.split('/')[2]}: {OFFLINE_HINT})")
+
+
 def main(argv=None):
-    names = "\n".join(f"  {b}-{{{','.join(QUALITIES)}}}-v2" for b in BODIES)
+    names = f"{{{','.join(BODIES)}}}-{{{','.join(QUALITIES)}}}-v2"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=f"datasets (NAME):\n{names}")
-    p.add_argument("name", choices=sorted(DATASETS), metavar="NAME", help="e.g. halfcheetah-expert-v2")
+                                epilog=f"datasets (NAME): {names}; --list gives their sizes")
+    p.add_argument("name", nargs="?", metavar="NAME", help="a D4RL dataset, e.g. halfcheetah-expert-v2 (see --list)")
+    p.add_argument("--list", action="store_true", help="list every D4RL dataset with its size, and exit")
     p.add_argument("--url", help="download from this address instead of D4RL's")
     p.add_argument("--out", help="destination file (default data/NAME.hdf5)")
     args = p.parse_args(argv)
+    if args.list:
+        list_datasets()
+        return
+    if args.name not in DATASETS:
+        p.error(f"name a D4RL dataset (python download.py --list shows them all), not {args.name!r}"
+                if args.name else "name a D4RL dataset to download, or --list")
     path = download(args.name, args.out, args.url)
     print(f"ready: {path} (SHA-256 in {checksum_path(path)})" if checksum_path(path).exists()
           else f"ready: {path}")

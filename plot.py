@@ -16,7 +16,7 @@ import torch
 
 from checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_bounds, episode_ends, episode_totals
-from datafiles import DataError, read_hdf5
+from datafiles import DataError, read_file
 
 LOG_COLUMNS = ("step", "loss", "lr", "eval_score")  # the columns of train.py's log drawn here
 
@@ -112,7 +112,7 @@ def episode_values(ckpt_path, data_path):
     model, norm, _ = load_checkpoint(ckpt_path)
     if model.cfg.kind != "iql":
         raise RunError(f"{ckpt_path}: a {model.cfg.kind} checkpoint has no value function; --values needs IQL's")
-    arrays, _ = read_hdf5(data_path)
+    arrays, _ = read_file(data_path)
     ends = episode_ends(arrays["terminals"], arrays["timeouts"])
     with torch.no_grad():
         v = model.value(norm.states(torch.from_numpy(arrays["observations"].astype(np.float32)))).numpy()

@@ -355,25 +355,31 @@ def structural_mutations(f, rng):
                 f[key][...] = original
 
 
-def test_hundreds_of_mutated_files_load_or_fail_with_one_line(tmp_path):
-    """Truncations, random bytes, flipped bytes anywhere in the file (metadata included), deleted
-    keys, wrong shapes and NaNs: each file loads into finite tensors or raises DataError with
-    one line naming the file; nothing else escapes."""
-    base = write_d4rl(tmp_path / "base.hdf5", [30, 20, 25])
-    raw, rng = base.read_bytes(), np.random.default_rng(0)
-    files = []
-    for i, cut in enumerate([0, 1, 8, 100, len(raw) - 1, *rng.integers(0, len(raw), 60)]):
-        files.append(tmp_path / f"truncated{i}.hdf5")
-        files[-1].write_bytes(raw[:cut])
-    for i in range(200):
+def mutated_copies(raw, folder, suffix, rng, flips=200):
+    """Copies of a file's bytes cut short, with bytes flipped anywhere, and plain random bytes."""
+    folder.mkdir()
+    copies = [raw[:cut] for cut in [0, 1, 8, 100, len(raw) - 1, *rng.integers(0, len(raw), 60)]]
+    for _ in range(flips):
         mutated = np.frombuffer(raw, np.uint8).copy()
         where = rng.integers(0, len(raw), rng.integers(1, 9))
         mutated[where] ^= rng.integers(1, 256, len(where)).astype(np.uint8)
-        files.append(tmp_path / f"flipped{i}.hdf5")
-        files[-1].write_bytes(mutated.tobytes())
-    for i in range(10):
-        files.append(tmp_path / f"random{i}.hdf5")
-        files[-1].write_bytes(rng.bytes(int(rng.integers(1, 5000))))
+        copies.append(mutated.tobytes())
+    copies += [rng.bytes(int(rng.integers(1, 5000))) for _ in range(10)]
+    for i, content in enumerate(copies):
+        (folder / f"{i}{suffix}").write_bytes(content)
+    return [folder / f"{i}{suffix}" for i in range(len(copies))]
+
+
+def test_hundreds_of_mutated_files_load_or_fail_with_one_line(tmp_path):
+    """Truncations, random bytes, flipped bytes anywhere in the file (metadata included), deleted
+    keys, wrong shapes and NaNs, in HDF5 and (with pyarrow) in Parquet: each file loads into finite
+    tensors or raises DataError with one line naming the file; nothing else escapes."""
+    base = write_d4rl(tmp_path / "base.hdf5", [30, 20, 25])
+    raw, rng = base.read_bytes(), np.random.default_rng(0)
+    files = mutated_copies(raw, tmp_path / "hdf5", ".hdf5", rng)
+    if importlib.util.find_spec("pyarrow"):  # the same for the Parquet reader
+        parquet = write_parquet(tmp_path / "base.parquet", base)
+        files += mutated_copies(parquet.read_bytes(), tmp_path / "parquet", ".parquet", rng, flips=100)
     work = tmp_path / "work.hdf5"
     work.write_bytes(raw)
     with h5py.File(work, "a") as f:
@@ -409,6 +415,124 @@ def test_minari_files_load_like_their_d4rl_twin(tmp_path):
         f["episode_3/actions"] = np.zeros((0, A), np.float32)
     with pytest.raises(DataError, match=r"main_data.hdf5: episode_3: the episode has no steps"):
         load_trajectories(minari)
+
+
+def episodes_of(path):
+    """A D4RL file's episodes: [(observations, actions, rewards, terminal?, next observation)]."""
+    with h5py.File(path) as f:
+        arrays = {k: f[k][()] for k in REQUIRED_KEYS}
+    ends = np.flatnonzero(arrays["terminals"] | arrays["timeouts"])
+    out = []
+    for start, end in zip(np.r_[0, ends[:-1] + 1], ends):
+        s = slice(start, end + 1)
+        out.append((arrays["observations"][s], arrays["actions"][s], arrays["rewards"][s],
+                    bool(arrays["terminals"][end])))
+    return out
+
+
+def assert_same_trajectories(got, want):
+    for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0)
+    np.testing.assert_array_equal(got.episode_returns, want.episode_returns)
+
+
+def test_minari_datasets_load_by_id_folder_and_file(tmp_path, monkeypatch):
+    minari = pytest.importorskip("minari", reason="the minari package writes the test's dataset")
+    from minari.data_collector import EpisodeBuffer
+
+    flat = write_d4rl(tmp_path / "halfcheetah-twin.hdf5", [7, 12, 5, 9])
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    buffers = [EpisodeBuffer(id=i, observations=np.concatenate([obs, obs[-1:] + 1]), actions=act,
+                             rewards=rew.astype(np.float64), terminations=np.r_[np.zeros(len(obs) - 1, bool), done],
+                             truncations=np.r_[np.zeros(len(obs) - 1, bool), not done], infos={})
+               for i, (obs, act, rew, done) in enumerate(episodes_of(flat))]
+    with pytest.warns(UserWarning):  # minari asks for a description and an eval env; not needed here
+        minari.create_dataset_from_buffers("mujoco/halfcheetah/test-v0", buffers, env="HalfCheetah-v5",
+                                           algorithm_name="test", author="test", author_email="t@example.com",
+                                           code_permalink="none")
+    want, _ = load_trajectories(flat)
+    folder = download.locate("minari:mujoco/halfcheetah/test-v0")
+    for given in (folder, folder / "data", folder / "data" / "main_data.hdf5"):
+        got, env_id = load_trajectories(given)
+        assert env_id == "HalfCheetah-v5"  # from metadata.json, as Minari 0.5 writes it
+        assert_same_trajectories(got, want)
+
+
+def test_a_missing_minari_dataset_is_downloaded_or_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setitem(sys.modules, "minari", None)  # as if it were not installed
+    with pytest.raises(download.DownloadError, match=r"minari:mujoco/hopper/expert-v0 is not in .*pip install minari"):
+        download.locate("minari:mujoco/hopper/expert-v0")
+    fetched = []
+
+    class FakeMinari:
+        @staticmethod
+        def download_dataset(dataset_id):
+            fetched.append(dataset_id)
+            (tmp_path / dataset_id / "data").mkdir(parents=True)
+            write_minari(tmp_path / dataset_id / "data" / "main_data.hdf5", [5, 6])
+
+    monkeypatch.setitem(sys.modules, "minari", FakeMinari)
+    folder = download.locate("minari:mujoco/hopper/expert-v0")
+    assert fetched == ["mujoco/hopper/expert-v0"] and folder == tmp_path / "mujoco/hopper/expert-v0"
+    download.locate("minari:mujoco/hopper/expert-v0")  # on disk now: not fetched again
+    assert len(fetched) == 1
+
+
+def write_parquet(path, d4rl_path, **changes):
+    """The same episodes in the Hugging Face Decision Transformer dataset's layout: one row each."""
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is optional; it reads Parquet")
+    import pyarrow.parquet as pq
+
+    rows = episodes_of(d4rl_path)
+    columns = {
+        "observations": pa.array([o.tolist() for o, *_ in rows], pa.list_(pa.list_(pa.float32()))),
+        "actions": pa.array([a.tolist() for _, a, *_ in rows], pa.list_(pa.list_(pa.float32()))),
+        "rewards": pa.array([r.tolist() for _, _, r, _ in rows], pa.list_(pa.float32())),
+        "dones": pa.array([[False] * (len(o) - 1) + [done] for o, _, _, done in rows], pa.list_(pa.bool_())),
+    }
+    columns.update(changes)
+    pq.write_table(pa.table({k: v for k, v in columns.items() if v is not None}), path)
+    return path
+
+
+def test_parquet_trajectories_load_like_their_hdf5_twin(tmp_path):
+    flat = write_d4rl(tmp_path / "twin.hdf5", [7, 12, 5, 9, 4], timeout_last=True)
+    folder = tmp_path / "halfcheetah-expert-v2" / "train"
+    folder.mkdir(parents=True)
+    parquet = write_parquet(folder / "0000.parquet", flat)
+    want, _ = load_trajectories(flat)
+    for given in (parquet, folder):
+        got, env_id = load_trajectories(given)
+        assert env_id == "HalfCheetah-v5"  # from the configuration's folder name
+        assert_same_trajectories(got, want)
+
+
+def test_bad_parquet_files_fail_in_one_line(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow is optional; it reads Parquet")
+    flat = write_d4rl(tmp_path / "twin.hdf5", [7, 12, 5])
+    ragged = pa.array([np.zeros((n, A)).tolist() for n in (7, 11, 5)], pa.list_(pa.list_(pa.float32())))
+    nan_rewards = pa.array([[0.0] * 7, [0.0] * 11 + [float("nan")], [0.0] * 5], pa.list_(pa.float32()))
+    texts = pa.array([["a"] * 7, ["b"] * 12, ["c"] * 5], pa.list_(pa.string()))
+    for changes, problem in [({"dones": None}, "missing column(s) dones"),
+                             ({"actions": ragged}, "row 1: column 'actions' has 11 steps but 'observations' has 12"),
+                             ({"rewards": nan_rewards}, "'rewards' has NaN or Inf values"),
+                             ({"rewards": texts}, "column 'rewards' is not a list of steps")]:
+        path = write_parquet(tmp_path / "bad.parquet", flat, **changes)
+        with pytest.raises(DataError) as err:
+            load_trajectories(path)
+        assert problem in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "junk.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="cannot be read as Parquet"):
+        load_trajectories(tmp_path / "junk.parquet")
+
+
+def test_hugging_face_data_names_what_it_needs(monkeypatch):
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if it were not installed
+    with pytest.raises(download.DownloadError, match="pip install huggingface_hub pyarrow"):
+        download.locate("hf:hopper-medium-v2")
+    with pytest.raises(download.DownloadError, match="unknown Hugging Face configuration 'hopper-random-v2'"):
+        download.locate("hf:hopper-random-v2")
 
 
 
@@ -1060,6 +1184,11 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.wfile.write(payload[:announced])
 
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.server.body)))
+        self.end_headers()
+
     def log_message(self, *args):
         pass
 
@@ -1154,16 +1283,23 @@ def test_unreachable_host_says_offline_and_names_data_flag(tmp_path):
     assert not dest.parent.exists()
 
 
-def test_download_help_names_every_dataset():
+def test_download_names_every_dataset_and_lists_their_sizes(flaky_server, monkeypatch, capsys):
     proc = run_cli("download.py", "--help")
     assert proc.returncode == 0
     for name in download.DATASETS:
         body, quality = name.removesuffix("-v2").split("-", 1)
-        assert f"{body}-{{" in proc.stdout and quality in proc.stdout
+        assert f"{{{','.join(download.BODIES)}}}" in proc.stdout and quality in proc.stdout
+    monkeypatch.setattr(download, "DATASETS", {"halfcheetah-expert-v2": flaky_server.url,
+                                               "hopper-expert-v2": "http://127.0.0.1:9/none.hdf5"})
+    download.main(["--list"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[0] == "halfcheetah-expert-v2" and f"{len(flaky_server.body) / 1e6:,.0f} MB" in lines[0]
+    assert lines[1].split()[0] == "hopper-expert-v2" and "size unknown" in lines[1]
 
 
 def test_dataset_addresses_follow_d4rl_naming():
-    assert len(download.DATASETS) == 15
+    assert len(download.DATASETS) == 18
+    assert download.DATASETS["walker2d-full-replay-v2"].endswith("/gym_mujoco_v2/walker2d_full_replay-v2.hdf5")
     assert download.DATASETS["halfcheetah-medium-replay-v2"].endswith(
         "/gym_mujoco_v2/halfcheetah_medium_replay-v2.hdf5")
 

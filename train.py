@@ -334,11 +334,7 @@ def flags_given(parser, argv):
 
 
 def load_data(args):
-    path = Path(args.data)
-    if path.exists():
-        download.check_recorded_sha256(path)
-    elif path.stem in download.DATASETS:
-        download.download(path.stem, path)
+    path = download.locate(args.data)  # minari:ID, hf:CONFIG and missing D4RL files are fetched
     data, env_from_file = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode,
                                             top_pct=args.top_pct, transitions=args.model == "iql")
     env_id = args.env or env_from_file
