@@ -14,7 +14,7 @@ return in between, the data on which asking for a return should give about that 
 train.py --data also takes, through locate():
     minari:mujoco/halfcheetah/expert-v0    a Minari dataset, from $MINARI_DATASETS_PATH or
                                           ~/.minari/datasets; downloaded with the minari package
-                                          (pip install minari) when it is not there
+                                          (pip install 'minari[hf]') when it is not there
     hf:halfcheetah-expert-v2               the Hugging Face dataset the original Decision
                                           Transformer blog trained on (Parquet; needs
                                           pip install huggingface_hub pyarrow)
@@ -218,10 +218,12 @@ def minari_dataset(dataset_id):
     try:
         import minari
     except ImportError:
-        raise DownloadError(f"minari:{dataset_id} is not in {root}; pip install minari and run again to download "
-                            f"it, or point --data at the dataset's folder") from None
+        raise DownloadError(f"minari:{dataset_id} is not in {root}; pip install 'minari[hf]' and run again to "
+                            f"download it, or point --data at the dataset's folder") from None
     try:
         minari.download_dataset(dataset_id)
+    except ImportError as e:  # minari fetches through huggingface_hub, an extra of its own
+        raise DownloadError(f"minari:{dataset_id} is not in {root}, and downloading it needs more: {one_line(e)}") from None
     except Exception as e:  # unknown id, no network: minari's own words, on one line
         raise DownloadError(f"cannot download minari:{dataset_id} ({one_line(e)}). {OFFLINE_HINT}") from None
     return folder

@@ -456,12 +456,15 @@ def test_minari_datasets_load_by_id_folder_and_file(tmp_path, monkeypatch):
         got, env_id = load_trajectories(given)
         assert env_id == "HalfCheetah-v5"  # from metadata.json, as Minari 0.5 writes it
         assert_same_trajectories(got, want)
+    train.main(["--data", "minari:mujoco/halfcheetah/test-v0", "--max-steps", "2", *TINY,
+                "--out", str(tmp_path / "minari.pt")])  # by id, and no --env
+    assert torch.load(tmp_path / "minari.pt", weights_only=True)["env_id"] == "HalfCheetah-v5"
 
 
 def test_a_missing_minari_dataset_is_downloaded_or_explained(tmp_path, monkeypatch):
     monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
     monkeypatch.setitem(sys.modules, "minari", None)  # as if it were not installed
-    with pytest.raises(download.DownloadError, match=r"minari:mujoco/hopper/expert-v0 is not in .*pip install minari"):
+    with pytest.raises(download.DownloadError, match=r"minari:mujoco/hopper/expert-v0 is not in .*pip install 'minari\[hf\]'"):
         download.locate("minari:mujoco/hopper/expert-v0")
     fetched = []
 
