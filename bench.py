@@ -10,6 +10,10 @@ one JSON object) of:
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel, and the
              same policy run one episode at a time
   memory     peak resident memory after training (CPU) or peak CUDA memory allocated
+  roofline   this machine's matmul peak, measured in the same run; the FLOPs of a training step
+             and of an evaluation forward (FlopCounterMode on the real model), and the fraction of
+             the peak each reaches; the env steps/s that evaluation's forward alone would allow at
+             the peak, the ceiling for any exact implementation of this model
 
     python bench.py                                     # data/halfcheetah-expert-v2.hdf5
     python bench.py --synthetic --eval-episodes 1 5 10 20 50 --json
@@ -28,6 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from checkpoint import RunError, resolve_device
@@ -114,7 +119,42 @@ def bench_training(data, targs, device, steps, warmup):
         sample_batch(data, targs.batch_size, targs.context_len, gen)
     sync(device)
     sampler_s = (time.perf_counter() - t0) / (steps * 10)
-    return model, warmup_s, step_s, sampler_s
+    return model, train_model, optimizer, amp, warmup_s, step_s, sampler_s
+
+
+def matmul_peak_gflops(device, dtype, n=1024, reps=20):
+    """This machine's dense matrix-product rate in `dtype`, measured now: the ceiling the training
+    and evaluation steps are held against (nanoGPT's estimate_mfu assumes an A100's; this measures)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def counted_flops(fn):
+    """FLOPs of the matrix products (matmuls, attention) that one call of fn runs, forward and
+    backward, as torch's FlopCounterMode counts them on the real model."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def train_step_flops(model, train_model, optimizer, amp, data, targs):
+    batch = sample_batch(data, targs.batch_size, targs.context_len, torch.Generator(device=data.states.device))
+    return counted_flops(lambda: train.train_step(model, train_model, optimizer, amp, batch, targs.lr, targs))
+
+
+def eval_forward_flops(model, episodes, device):
+    """One evaluation step's forward: get_action on a full K-step window for every episode."""
+    K, S, A = model.cfg.context_len, model.cfg.state_dim, model.cfg.act_dim
+    window = (torch.zeros(episodes, K, S, device=device), torch.zeros(episodes, K, A, device=device),
+              torch.zeros(episodes, K, 1, device=device), torch.arange(K, device=device).expand(episodes, K))
+    return counted_flops(lambda: model.get_action(*window))
 
 
 def env_steps_per_s(model, data, episodes, device, runs=1):
@@ -153,11 +193,20 @@ def main(argv=None):
         f"{ENV_ID}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "
         f"K {targs.context_len}, {targs.n_layer} layers x {targs.n_embd}, training in {'bf16' if bf16 else 'fp32'}")
 
-    model, warmup_s, step_s, sampler_s = bench_training(data, targs, device, args.steps, args.warmup)
+    model, train_model, optimizer, amp, warmup_s, step_s, sampler_s = bench_training(
+        data, targs, device, args.steps, args.warmup)
     peak_mb = peak_memory_mb(device)
+    step_flops = train_step_flops(model, train_model, optimizer, amp, data, targs)
     model.eval()
     curve = {n: env_steps_per_s(model, data, n, device) for n in args.eval_episodes}
     sequential = env_steps_per_s(model, data, 1, device, runs=2)
+    # Training runs its matmuls in bf16 where use_bf16 says so; evaluation always in fp32.
+    peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
+    peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
+    forward_flops = {n: eval_forward_flops(model, n, device) for n in args.eval_episodes}
+    # A step of n episodes is one forward for all of them, so env steps/s = forwards/s * n.
+    eval_fraction = {n: forward_flops[n] * curve[n] / n / (peak_fp32 * 1e9) for n in args.eval_episodes}
+    ceiling = {n: peak_fp32 * 1e9 / (forward_flops[n] / n) for n in args.eval_episodes}
 
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -173,6 +222,14 @@ def main(argv=None):
         "eval_env_steps_per_s_by_episodes": curve,
         "eval_env_steps_per_s_sequential": sequential,
         "peak_mem_mb": peak_mb,
+        "peak_gflops": peak,
+        "peak_gflops_fp32": peak_fp32,
+        "train_step_gflop": step_flops / 1e9,
+        "train_flop_fraction": step_flops / step_s / (peak * 1e9),
+        "eval_forward_gflop_by_episodes": {n: f / 1e9 for n, f in forward_flops.items()},
+        "eval_flop_fraction": eval_fraction[max(args.eval_episodes)],
+        "eval_flop_fraction_by_episodes": eval_fraction,
+        "eval_env_steps_per_s_ceiling_by_episodes": ceiling,
     }
     if args.json:
         print(json.dumps(result))
@@ -186,6 +243,13 @@ def main(argv=None):
     print(f"eval      {sequential:9.0f} env steps/s one episode at a time ({result['eval_episodes']} in "
           f"parallel: {result['eval_env_steps_per_s'] / sequential:.1f}x as fast)")
     print(f"memory    {peak_mb:9.0f} MB peak {'CUDA allocated' if device == 'cuda' else 'resident (RSS)'}")
+    print(f"roofline  {peak:9.0f} GFLOP/s matmul peak here in {'bf16' if bf16 else 'fp32'}"
+          + (f", {peak_fp32:.0f} in fp32" if bf16 else ""))
+    print(f"          training: {result['train_step_gflop']:.2f} GFLOP a step, "
+          f"{100 * result['train_flop_fraction']:.0f}% of the peak")
+    for n in args.eval_episodes:
+        print(f"          evaluation, {n} in parallel: {100 * eval_fraction[n]:.0f}% of the fp32 peak; at the peak "
+              f"the forward alone would allow {ceiling[n]:,.0f} env steps/s")
     return result
 
 

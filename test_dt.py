@@ -1123,8 +1123,13 @@ def test_bench_runs_and_reports_every_figure(capsys):
                          "--n-layer", "1", "--n-embd", "32", "--json"])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
     for key in ("train_samples_per_s", "train_steps_per_s", "sampler_ms_per_batch", "eval_env_steps_per_s",
-                "eval_env_steps_per_s_sequential", "peak_mem_mb"):
+                "eval_env_steps_per_s_sequential", "peak_mem_mb", "peak_gflops", "train_flop_fraction",
+                "eval_flop_fraction"):
         assert result[key] > 0, key
+    assert result["train_flop_fraction"] < 1 and result["eval_flop_fraction"] < 1  # nothing beats the peak
+    # Twice the episodes, twice the forward's FLOPs: the count is of the real model, per episode.
+    flops = result["eval_forward_gflop_by_episodes"]
+    assert flops[2] == pytest.approx(2 * flops[1], rel=1e-6)
     assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
 
 
