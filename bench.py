@@ -17,6 +17,7 @@ one JSON object) of:
 
     python bench.py                                     # data/halfcheetah-expert-v2.hdf5
     python bench.py --synthetic --eval-episodes 1 5 10 20 50 --json
+    python bench.py --device cuda --check --steps 300 --eval-episodes 10 100 1000   # a GPU's first run
 
 The model is untrained: speed does not depend on the weights, and an untrained cheetah's
 episodes last the same 1000 steps. Numbers are only comparable within one machine and session.
@@ -41,6 +42,7 @@ from datafiles import DataError
 from rollout import DEFAULT_TARGETS, rollout
 
 ENV_ID = "HalfCheetah-v5"
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
 def parse_args(argv=None):
@@ -57,6 +59,11 @@ def parse_args(argv=None):
                    help="as train.py --compile (default: on CUDA, off on a CPU)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32, as train.py --no-amp does")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--check", action="store_true",
+                   help="check the compiled path instead (for a GPU): eager against each compile mode over "
+                        "--steps steps, and evaluation at --eval-episodes; one JSON")
+    p.add_argument("--compile-modes", nargs="+", default=list(COMPILE_MODES), choices=COMPILE_MODES,
+                   help="with --check: the torch.compile modes to try")
     for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
         p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
     args = p.parse_args(argv)
@@ -166,6 +173,37 @@ def env_steps_per_s(model, data, episodes, device, runs=1):
     return runs * episodes * 1000 / (time.perf_counter() - t0)
 
 
+def check(args, data, device):
+    """The compiled training path checked against eager and timed, one compile mode at a time:
+    the same seed and batches, so the losses must agree (to the rounding of fused kernels and
+    another dropout stream); then evaluation with many episodes in parallel. Returns one dict."""
+    targs = train_args(args)
+    targs.compile = False  # each mode is compiled here, not by setup_training
+    cfg = train.model_config(targs, data)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+              "bf16": train.use_bf16(targs, device), "steps": args.steps}
+    for mode in ("eager", *args.compile_modes):
+        torch.manual_seed(0)
+        model, _, optimizer, amp = train.setup_training(cfg, targs, device)
+        step_model = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
+        gen, losses = torch.Generator(device=device).manual_seed(0), []
+        t0 = time.perf_counter()
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup:  # compiling happens in the first steps; time the rest apart
+                sync(device)
+                t1 = time.perf_counter()
+            batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
+            losses.append(train.train_step(model, step_model, optimizer, amp, batch, targs.lr, targs))
+        sync(device)
+        tail = torch.stack(losses[-max(1, args.steps // 5):]).mean().item()
+        result[mode] = {"warmup_s": t1 - t0, "steps_per_s": args.steps / (time.perf_counter() - t1), "loss": tail}
+    eager = result["eager"]["loss"]
+    result["max_loss_gap"] = max(abs(result[m]["loss"] - eager) / eager for m in args.compile_modes)
+    model.eval()
+    result["eval_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, device) for n in args.eval_episodes}
+    return result
+
+
 def peak_memory_mb(device):
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
@@ -187,6 +225,10 @@ def main(argv=None):
     if env_id not in (None, ENV_ID) or data.state_dim != 17:
         raise DataError(f"{path}: bench.py measures HalfCheetah; this is {env_id or 'other'} data")
     data.to(device)
+    if args.check:
+        result = check(args, data, device)
+        print(json.dumps(result))
+        return result
     bf16 = train.use_bf16(targs, device)
     say = (lambda *a: None) if args.json else print
     say(f"bench: {path.name if not args.synthetic else 'synthetic'} ({data.num_steps} steps), "

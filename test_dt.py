@@ -1135,6 +1135,16 @@ def test_bench_runs_and_reports_every_figure(capsys):
 
 
 
+@needs_compiler
+def test_the_compiled_path_check_reports_each_mode_against_eager(capsys):
+    result = bench.main(["--synthetic", "--check", "--steps", "4", "--warmup", "1", "--eval-episodes", "1",
+                         "--compile-modes", "default", *TINY])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["eager"]["steps_per_s"] > 0 and result["default"]["steps_per_s"] > 0
+    assert result["max_loss_gap"] < 0.05  # the same batches and seed: compiled training learns the same
+    assert set(result["eval_env_steps_per_s_by_episodes"]) == {1}
+
+
 def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys):
     names = [name for name, *_ in experiment.plan()]
     assert len(names) == len(set(names))
