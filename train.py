@@ -1,12 +1,13 @@
 """
-Train a Decision Transformer on D4RL-style trajectories.
+Train a Decision Transformer on D4RL-style trajectories (or a baseline: --model bc, --model iql).
 
     python train.py --epochs 120                  # halfcheetah-expert-v2, downloaded when missing
     python train.py --data my.hdf5 --max-steps 2000
     python train.py --resume ckpt.pt              # continue an interrupted run exactly
     torchrun --nproc_per_node 2 train.py ...      # data-parallel over 2 processes (GPUs or CPU)
 
-One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps.
+One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps
+(IQL draws single transitions: ceil(N / batch_size)).
 Writes ckpt.pt (model, optimizer, RNG state, config, dataset statistics, step) every --save-every
 steps and at the end, and a CSV log beside it (python plot.py ckpt.csv draws it). Ctrl-C saves a
 checkpoint and exits.
