@@ -27,15 +27,18 @@ HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 FILES = {"halfcheetah": "halfcheetah-medium-expert-600ep.hdf5", "hopper": "hopper-medium-expert.hdf5",
          "walker2d": "walker2d-medium-expert.hdf5"}
-# Training budgets, of the same wall-clock order on a CPU (about 15-25 minutes on one core), with
-# evaluation points for a learning curve. The DT and IQL are scored at the DT paper's targets.
+# Training budgets, with evaluation points for a learning curve; the DT is scored at the DT paper's
+# targets. The DT, BC and 10% BC take 5-25 minutes of one CPU core, where their curves have long
+# flattened. IQL gets the IQL paper's 1M steps (about 100 minutes): at 200,000 steps, with its actor's
+# learning rate decayed over those, its curve flattened far below where the 1M schedule takes it
+# (README), so the shorter budget would not be fair to it. The two 200,000-step runs stay in the
+# results as that evidence.
 METHODS = {
     "dt": ["--epochs", "20", "--eval-every", "2000"],
     "bc": ["--model", "bc", "--max-steps", "50000", "--eval-every", "10000"],
     "bc10": ["--model", "bc", "--top-pct", "10", "--max-steps", "50000", "--eval-every", "10000"],
-    "iql": ["--model", "iql", "--max-steps", "200000", "--eval-every", "20000", "--log-every", "1000"],
-    # The IQL paper's own budget, to see whether IQL's curve is still rising where ours stops.
-    "iql-1M": ["--model", "iql", "--max-steps", "1000000", "--eval-every", "50000", "--log-every", "1000"],
+    "iql": ["--model", "iql", "--max-steps", "1000000", "--eval-every", "50000", "--log-every", "1000"],
+    "iql-200k": ["--model", "iql", "--max-steps", "200000", "--eval-every", "20000", "--log-every", "1000"],
 }
 COLUMNS = ["method", "dataset", "reward_mode", "seed", "steps", "train_s", "target", "episodes",
            "mean_return", "std_return", "normalized_score"]
@@ -45,7 +48,7 @@ def plan():
     """(name, body, method, reward mode, seed), seed 0 of everything first: a run stopped part-way
     still leaves every cell of the table filled once. Dense figures get 3 seeds, delayed ones 2;
     BC and 10% BC never see a reward-to-go, so they train to the same weights in both modes and
-    run once. Last, one IQL run at the IQL paper's 1M steps."""
+    run once. First, the two IQL runs at the shorter budget (see METHODS)."""
     runs = []
     for seed in (0, 1, 2):
         for body in ("halfcheetah", "hopper", "walker2d"):
@@ -54,7 +57,7 @@ def plan():
                     if (mode == "delayed" and (method.startswith("bc") or seed == 2)):
                         continue
                     runs.append((f"{body}-{method}-{mode}-s{seed}", body, method, mode, seed))
-    return runs + [("halfcheetah-iql-1M-dense-s0", "halfcheetah", "iql-1M", "dense", 0)]
+    return [(f"halfcheetah-iql-200k-{mode}-s0", "halfcheetah", "iql-200k", mode, 0) for mode in ("dense", "delayed")] + runs
 
 
 def run(name, body, method, mode, seed, data_dir):
@@ -99,6 +102,7 @@ def table():
     """Normalized score per method and dataset: mean ± std over seeds, then each seed's score."""
     with open(RESULTS / "medium-expert.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    planned = {(method, mode, body) for _, body, method, mode, _ in plan()}
     print("| method | rewards | " + " | ".join(FILES) + " |")
     print("| --- | --- | " + " | ".join("---:" for _ in FILES) + " |")
     for method in METHODS:
@@ -109,9 +113,11 @@ def table():
                           if (r["method"], r["reward_mode"], r["dataset"]) == (method, mode, FILES[body])]
                 if len(scores) > 1:
                     cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} ({', '.join(f'{s:.1f}' for s in scores)})")
+                elif scores:
+                    cells.append(f"{scores[0]:.1f} (one seed)")
                 else:
-                    cells.append(f"{scores[0]:.1f} (one seed)" if scores else "not run yet")
-            if any(c != "not run yet" for c in cells):
+                    cells.append("not run yet" if (method, mode, body) in planned else "–")
+            if any(c not in ("not run yet", "–") for c in cells):
                 print(f"| {method} | {mode} | " + " | ".join(cells) + " |")
 
 
