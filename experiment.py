@@ -29,7 +29,7 @@ FILES = {"halfcheetah": "halfcheetah-medium-expert-600ep.hdf5", "hopper": "hoppe
          "walker2d": "walker2d-medium-expert.hdf5"}
 # Training budgets, with evaluation points for a learning curve; the DT is scored at the DT paper's
 # targets. The DT, BC and 10% BC take 5-25 minutes of one CPU core, where their curves have long
-# flattened. IQL gets the IQL paper's 1M steps (about 100 minutes): at 200,000 steps, with its actor's
+# flattened. IQL gets the IQL paper's 1M steps (about 110 minutes): at 200,000 steps, with its actor's
 # learning rate decayed over those, its curve flattened far below where the 1M schedule takes it
 # (README), so the shorter budget would not be fair to it. The two 200,000-step runs stay in the
 # results as that evidence.
@@ -92,7 +92,7 @@ def gather():
         path = RESULTS / "runs" / f"{name}.json"
         if path.exists():
             r = json.loads(path.read_text())
-            rows.append([r[c] if not isinstance(r[c], float) else round(r[c], 2) for c in COLUMNS])
+            rows.append([r[c] if not isinstance(r[c], float) else round(r[c], 4) for c in COLUMNS])
     with open(RESULTS / "medium-expert.csv", "w", newline="") as f:
         csv.writer(f).writerows([COLUMNS, *rows])
     return rows
