@@ -240,9 +240,11 @@ def sample_transitions(data, batch_size, generator=None):
 
 
 def env_id_for(path):
-    """Guess the gymnasium env id from a dataset's name: the file's, else the nearest folder's that
-    starts with a body (halfcheetah-expert-v2/train/0000.parquet). None when none does."""
-    for name in (p.name.lower() for p in (Path(path), *Path(path).parents)):
+    """Guess the gymnasium env id from a dataset's name: the file's, else one of its two nearest
+    folders' (halfcheetah-expert-v2/train/0000.parquet), not anything further up the path, which
+    names the user's folders rather than the data. None when none starts with a body."""
+    path = Path(path)
+    for name in (p.name.lower() for p in (path, path.parent, path.parent.parent)):
         for body, env_id in ENV_IDS.items():
             if name.startswith(body):
                 return env_id
