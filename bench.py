@@ -7,8 +7,9 @@ one JSON object) of:
              CUDA), timed after a warm-up;
              compile time is reported apart
   sampler    milliseconds per batch for the batch sampler alone
-  evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel, and the
-             same policy run one episode at a time
+  evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel (its policy
+             compiled with --compile, the default on CUDA), the same policy run one episode
+             at a time, and the vector env stepped alone, with no policy: its own ceiling
   memory     peak resident memory after training (CPU) or peak CUDA memory allocated
   roofline   this machine's matmul peak, measured in the same run; the FLOPs of a training step
              and of an evaluation forward (FlopCounterMode on the real model), and the fraction of
@@ -39,7 +40,7 @@ import train
 from checkpoint import RunError, resolve_device
 from data import load_trajectories, sample_batch
 from datafiles import DataError
-from rollout import DEFAULT_TARGETS, rollout
+from rollout import DEFAULT_TARGETS, make_envs, rollout
 
 ENV_ID = "HalfCheetah-v5"
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")
@@ -56,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first (compile happens here)")
     p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="parallel episodes to time")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="as train.py --compile (default: on CUDA, off on a CPU)")
+                   help="torch.compile the training forward, as train.py --compile does, and the "
+                   "evaluation policy, as rollouts on CUDA do (default: on CUDA, off on a CPU)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32, as train.py --no-amp does")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--check", action="store_true",
@@ -164,13 +166,33 @@ def eval_forward_flops(model, episodes, device):
     return counted_flops(lambda: model.get_action(*window))
 
 
-def env_steps_per_s(model, data, episodes, device, runs=1):
+def env_steps_per_s(model, data, episodes, compile, runs=1):
     """Environment steps per second over `runs` calls of rollout with `episodes` in parallel.
-    HalfCheetah never ends an episode early, so each one is exactly 1000 steps."""
+    HalfCheetah never ends an episode early, so each one is exactly 1000 steps. A compiled policy
+    is compiled (and its CUDA graphs recorded) in one rollout first, not timed."""
+    def run(seed):
+        rollout(model, data.norm, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, seed=seed, progress=False,
+                compile=compile)
+    if compile:
+        run(seed=runs)
     t0 = time.perf_counter()
     for i in range(runs):
-        rollout(model, data.norm, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, seed=i, progress=False)
+        run(seed=i)
     return runs * episodes * 1000 / (time.perf_counter() - t0)
+
+
+def env_only_steps_per_s(episodes, steps=200):
+    """The vector env alone, stepped with zero actions: how fast evaluation could go if the
+    policy cost nothing."""
+    envs = make_envs(ENV_ID, episodes)
+    envs.reset(seed=0)
+    zeros = np.zeros((episodes, *envs.single_action_space.shape), np.float32)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        envs.step(zeros)
+    rate = episodes * steps / (time.perf_counter() - t0)
+    envs.close()
+    return rate
 
 
 def check(args, data, device):
@@ -200,7 +222,9 @@ def check(args, data, device):
     eager = result["eager"]["loss"]
     result["max_loss_gap"] = max(abs(result[m]["loss"] - eager) / eager for m in args.compile_modes)
     model.eval()
-    result["eval_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, device) for n in args.eval_episodes}
+    result["eval_env_steps_per_s_by_episodes"] = {
+        n: env_steps_per_s(model, data, n, compile=device == "cuda") for n in args.eval_episodes}
+    result["env_only_steps_per_s_by_episodes"] = {n: env_only_steps_per_s(n) for n in args.eval_episodes}
     return result
 
 
@@ -240,8 +264,10 @@ def main(argv=None):
     peak_mb = peak_memory_mb(device)
     step_flops = train_step_flops(model, train_model, optimizer, amp, data, targs)
     model.eval()
-    curve = {n: env_steps_per_s(model, data, n, device) for n in args.eval_episodes}
-    sequential = env_steps_per_s(model, data, 1, device, runs=2)
+    compiled = targs.compile if targs.compile is not None else device == "cuda"
+    curve = {n: env_steps_per_s(model, data, n, compiled) for n in args.eval_episodes}
+    sequential = env_steps_per_s(model, data, 1, compiled, runs=2)
+    env_only = {n: env_only_steps_per_s(n) for n in args.eval_episodes}
     # Training runs its matmuls in bf16 where use_bf16 says so; evaluation always in fp32.
     peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
@@ -255,7 +281,7 @@ def main(argv=None):
         "train_samples_per_s": targs.batch_size / step_s,
         "train_steps_per_s": 1 / step_s,
         "warmup_s": warmup_s,
-        "compiled": targs.compile if targs.compile is not None else device == "cuda",
+        "compiled": compiled,
         "bf16": bf16,
         "sampler_ms_per_batch": sampler_s * 1e3,
         "sampler_share_of_step": sampler_s / step_s,
@@ -263,6 +289,7 @@ def main(argv=None):
         "eval_env_steps_per_s": curve[max(args.eval_episodes)],
         "eval_env_steps_per_s_by_episodes": curve,
         "eval_env_steps_per_s_sequential": sequential,
+        "env_only_steps_per_s_by_episodes": env_only,
         "peak_mem_mb": peak_mb,
         "peak_gflops": peak,
         "peak_gflops_fp32": peak_fp32,
@@ -281,7 +308,8 @@ def main(argv=None):
     print(f"sampler   {result['sampler_ms_per_batch']:9.3f} ms/batch   "
           f"{100 * result['sampler_share_of_step']:.1f}% of a training step")
     for n, rate in curve.items():
-        print(f"eval      {rate:9.0f} env steps/s with {n} episode{'s' if n > 1 else ''} in parallel")
+        print(f"eval      {rate:9.0f} env steps/s with {n} episode{'s' if n > 1 else ''} in parallel "
+              f"(the env alone: {env_only[n]:,.0f})")
     print(f"eval      {sequential:9.0f} env steps/s one episode at a time ({result['eval_episodes']} in "
           f"parallel: {result['eval_env_steps_per_s'] / sequential:.1f}x as fast)")
     print(f"memory    {peak_mb:9.0f} MB peak {'CUDA allocated' if device == 'cuda' else 'resident (RSS)'}")

@@ -67,7 +67,7 @@ class IQL(nn.Module):
         torch._foreach_lerp_(target, online, tau)
 
     @torch.no_grad()
-    def get_action(self, states, actions, returns_to_go, timesteps):
+    def get_action(self, states, actions, returns_to_go, timesteps, mask=None):
         return self(states[:, -1])  # the current state alone: no history, no return
 
 

@@ -35,21 +35,29 @@ def normalized_score(env_id, ret):
 
 
 @torch.no_grad()
-def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None):
+def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None, compile=None):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`;
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
-    was trained with. A video.Recorder, if given, gets every frame of episode 0."""
+    was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
+    the policy through torch.compile (default: on CUDA, where one step's forward is a few dozen
+    small kernel launches and CUDA graphs replay them as one; on a CPU it measured no faster)."""
     envs = make_envs(env_id, episodes, recorder)
     check_env_matches(envs, env_id, model.cfg)
     device = next(model.parameters()).device
     norm = norm.to(device)
     max_steps = envs.envs[0].spec.max_episode_steps or 1000
-    S, A = model.cfg.state_dim, model.cfg.act_dim
-    # Each episode's whole history so far; get_action reads the last K steps of it.
-    states = torch.zeros(episodes, max_steps, S, device=device)
-    actions = torch.zeros(episodes, max_steps, A, device=device)  # zeros: the not-yet-taken action
-    rtg = torch.zeros(episodes, max_steps, 1, device=device)
-    timesteps = torch.arange(max_steps, device=device).expand(episodes, max_steps)
+    if compile is None:
+        compile = device.type == "cuda"
+    policy = model.get_action
+    if compile:
+        policy = torch.compile(policy, mode="reduce-overhead" if device.type == "cuda" else None)
+    # Each episode's last K steps, shifted one step left every step and left-padded (mask False)
+    # until K steps have passed, so the policy is called with the same shapes every time.
+    K, S, A = model.cfg.context_len, model.cfg.state_dim, model.cfg.act_dim
+    states = torch.zeros(episodes, K, S, device=device)
+    actions = torch.zeros(episodes, K, A, device=device)  # zeros: the not-yet-taken action
+    rtg = torch.zeros(episodes, K, 1, device=device)
+    real = torch.zeros(episodes, K, dtype=torch.bool, device=device)
     returns = np.zeros(episodes)
     done = np.zeros(episodes, bool)
 
@@ -59,10 +67,17 @@ def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, record
         recorder.capture(envs.envs[0])
     bar = tqdm(total=max_steps, desc=f"target {target:g}", leave=False, disable=not progress)
     for t in range(max_steps):
-        states[:, t] = norm.states(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        rtg[:, t, 0] = torch.as_tensor(norm.return_to_go(target, returns), dtype=torch.float32)
-        action = model.get_action(states[:, :t + 1], actions[:, :t + 1], rtg[:, :t + 1], timesteps[:, :t + 1])
-        actions[:, t] = action
+        if t > 0:
+            for window in (states, actions, rtg, real):
+                window.copy_(window.roll(-1, dims=1))
+            actions[:, -1] = 0.0
+        states[:, -1] = norm.states(torch.as_tensor(obs, dtype=torch.float32, device=device))
+        rtg[:, -1, 0] = torch.as_tensor(norm.return_to_go(target, returns), dtype=torch.float32)
+        real[:, -1] = True
+        # Absolute episode times of the window's steps; padded steps get 0, as in training.
+        timesteps = torch.arange(t - K + 1, t + 1, device=device).clamp(min=0).expand(episodes, K)
+        action = policy(states, actions, rtg, timesteps, real if t < K - 1 else None)
+        actions[:, -1] = action
         obs, reward, terminated, truncated, _ = envs.step(action.float().cpu().numpy())
         returns += np.where(done, 0.0, reward)  # a finished episode stops counting
         if recorder and not done[0]:

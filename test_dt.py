@@ -594,7 +594,7 @@ def test_reward_mode_and_top_pct_reach_training_and_evaluation(tmp_path, capsys,
     seen = []
     get_action = DecisionTransformer.get_action
     monkeypatch.setattr(DecisionTransformer, "get_action",
-                        lambda self, s, a, r, t: (seen.append(r[:, -1, 0].clone()), get_action(self, s, a, r, t))[1])
+                        lambda self, s, a, r, *rest: (seen.append(r[:, -1, 0].clone()), get_action(self, s, a, r, *rest))[1])
     for mode in ("delayed", "dense"):
         seen.clear()
         evaluate.main([str(tmp_path / f"dt-{mode}.pt"), "--target", "5000", "--episodes", "2", "--json"])
@@ -988,6 +988,47 @@ def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
     alone = [rollout.rollout(model, norm, "Hopper-v5", 3600, 1, seed=i, progress=False)[0] for i in range(4)]
     np.testing.assert_allclose(together, alone, rtol=1e-4)
     assert len(set(np.round(together, 3))) == 4
+
+
+def test_the_policy_sees_the_same_shapes_at_every_step(tmp_path, monkeypatch):
+    """rollout hands get_action a K-step window every time, padded and masked at the start: the
+    fixed shapes that let torch.compile capture one step's forward once and replay it."""
+    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
+    out = tmp_path / "hopper.pt"
+    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
+    model, norm, _ = checkpoint.load_checkpoint(out)
+    calls, get_action = [], model.get_action
+    # The window's buffers are updated in place, so each call's inputs are copied as they were.
+    monkeypatch.setattr(model, "get_action", lambda *a: (calls.append([x if x is None else x.clone() for x in a]),
+                                                         get_action(*a))[1])
+    rollout.rollout(model, norm, "Hopper-v5", 3600, 3, seed=0, progress=False)
+    K = model.cfg.context_len
+    assert len(calls) > K  # the episodes outlive the padded start
+    assert {tuple(x.shape for x in c[:4]) for c in calls} == {((3, K, 11), (3, K, 3), (3, K, 1), (3, K))}
+    for t, (*_, timesteps, mask) in enumerate(calls):
+        assert timesteps[0, -1] == t
+        if t < K - 1:  # the first K - 1 steps: t + 1 real steps on the right
+            assert mask.sum(1).tolist() == [t + 1] * 3 and mask[:, -1].all()
+        else:
+            assert mask is None
+
+
+@needs_compiler
+def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
+    """torch.compile of the policy (the default on CUDA) gives the same episodes, and the fixed
+    shapes keep it to two graphs: the padded start, with its mask, and every step after it.
+    (Hopper: an untrained one falls within a few dozen steps, before rounding differences between
+    compiled and eager kernels can grow, as they do over a 1000-step HalfCheetah episode.)"""
+    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
+    out = tmp_path / "hopper.pt"
+    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
+    model, norm, _ = checkpoint.load_checkpoint(out)
+    torch._dynamo.reset()
+    eager = rollout.rollout(model, norm, "Hopper-v5", 3600, 3, progress=False, compile=False)
+    torch._dynamo.utils.counters.clear()
+    compiled = rollout.rollout(model, norm, "Hopper-v5", 3600, 3, progress=False, compile=True)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_normalized_score_reference_points():

@@ -149,7 +149,7 @@ def setup_training(cfg, args, device):
     if args.model == "iql":
         optimizer = iql.configure_optimizer(model, args.lr)
     else:
-        optimizer = configure_optimizer(model, args.lr, args.weight_decay, device_type="cuda" if on_cuda else "cpu")
+        optimizer = configure_optimizer(model, args.lr, args.weight_decay)
     compile_forward = args.compile if args.compile is not None else on_cuda
     if compile_forward and args.model != "iql":  # IQL calls its networks one by one, not through forward
         train_model = torch.compile(model)
