@@ -46,21 +46,21 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, attn_mask=None, last_only=False):
-        """Attention output for every position, or with `last_only` for the last one alone."""
+    def forward(self, x, attn_mask=None, queries=None):
+        """Attention output for every position, or for the positions `queries` (a slice) picks.
+        attn_mask: (B, 1, Tq, T) bool, True where a query may see a key; None for plain causal
+        attention, or, with `queries`, when those queries may see every key."""
         B, T, C = x.shape  # batch, tokens (3K), embedding width
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C); keys and values for every token
         # (B, T, C) -> (B, nh, T, hs): each head attends on its own slice of the channels.
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if last_only:
-            # The last query may see every key, so causality needs no mask; padding still does.
-            q = q[:, :, -1:]  # (B, nh, 1, hs)
-            attn_mask = None if attn_mask is None else attn_mask[:, :, -1:]
-        # Without padding the plain causal kernel is fastest; with padding the caller passes a
-        # full boolean mask that is causal *and* hides the padded keys.
+        if queries is not None:
+            q = q[:, :, queries]  # (B, nh, Tq, hs)
+        # Without padding the plain causal kernel is fastest; otherwise the caller's mask says
+        # what each query may see (causal *and* not padded).
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and not last_only,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, Tq, hs), Tq = T or 1
+            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and queries is None,
+            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, Tq, hs)
         y = y.transpose(1, 2).contiguous().view(B, q.shape[2], C)  # heads side by side again: (B, Tq, C)
         return self.resid_drop(self.proj(y))
 
@@ -80,10 +80,17 @@ class Block(nn.Module):
             nn.Dropout(cfg.dropout),
         )
 
-    def forward(self, x, attn_mask=None, last_only=False):
-        y = self.attn(self.ln_1(x), attn_mask, last_only)
-        x = x[:, -y.shape[1]:] + y  # with last_only, only the last position goes on
+    def forward(self, x, attn_mask=None, queries=None):
+        """With `queries`, only those positions go on: (B, T, C) -> (B, Tq, C)."""
+        y = self.attn(self.ln_1(x), attn_mask, queries)
+        x = (x if queries is None else x[:, queries]) + y
         return x + self.mlp(self.ln_2(x))
+
+
+def causal_mask(T, device):
+    """(1, 1, T, T) boolean mask, True where attention is allowed: each token sees itself and
+    the tokens before it."""
+    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
 
 
 def padded_causal_mask(mask):
@@ -148,13 +155,17 @@ class DecisionTransformer(nn.Module):
         mask (B,K) bool, True for real steps (None: all real). Returns actions (B,K,A) in [-1, 1]."""
         B, K, _ = states.shape
         x = self.embed(states, actions, returns_to_go, timesteps)
-        attn_mask = None if mask is None else padded_causal_mask(mask)
-        for block in self.blocks:
-            x = block(x, attn_mask)
-        x = self.ln_f(x).reshape(B, K, 3, self.cfg.n_embd)
-        # Hidden state at the s_t token (index 1 of each triple) -> a_t. tanh keeps the action
-        # inside the [-1, 1] box that MuJoCo's actuators accept.
-        return torch.tanh(self.predict_action(x[:, :, 1]))
+        attn_mask = padded_causal_mask(mask) if mask is not None else causal_mask(3 * K, states.device)
+        for block in self.blocks[:-1]:
+            x = block(x, None if mask is None else attn_mask)
+        # Only the hidden states at the s_t tokens (index 1 of each triple) are read: they predict
+        # a_t. So the last block computes its queries, projection and MLP for those K tokens
+        # alone, a third of its tokens (keys and values still come from all 3K), which saves 18%
+        # of a training step's FLOPs and computes the same function.
+        state_tokens = slice(1, None, 3)
+        x = self.blocks[-1](x, attn_mask[..., state_tokens, :], queries=state_tokens)  # (B, K, C)
+        # tanh keeps the action inside the [-1, 1] box that MuJoCo's actuators accept.
+        return torch.tanh(self.predict_action(self.ln_f(x)))
 
     @torch.no_grad()
     def get_action(self, states, actions, returns_to_go, timesteps, mask=None):
@@ -183,7 +194,9 @@ class DecisionTransformer(nn.Module):
         attn_mask = None if mask is None else padded_causal_mask(mask)[:, :, :-1, :-1]
         for block in self.blocks[:-1]:
             x = block(x, attn_mask)
-        x = self.blocks[-1](x, attn_mask, last_only=True)
+        # The last query may see every key, so causality needs no mask there; padding still does.
+        last = slice(-1, None)
+        x = self.blocks[-1](x, None if attn_mask is None else attn_mask[..., last, :], queries=last)
         return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
 
 

@@ -33,7 +33,7 @@ import video
 from checkpoint import CheckpointError, RunError
 from data import delay_rewards, episode_ends, load_trajectories, returns_to_go, sample_batch
 from datafiles import MINARI_KEYS, REQUIRED_KEYS, DataError
-from model import BehaviourCloning, DecisionTransformer, DTConfig, configure_optimizer
+from model import BehaviourCloning, DecisionTransformer, DTConfig, configure_optimizer, padded_causal_mask
 
 HERE = Path(__file__).parent
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
@@ -183,6 +183,22 @@ def test_get_action_is_the_full_forward_at_the_last_step(T):
     s, a, r, t = random_window(4, T)
     full = model(s[:, -K:], a[:, -K:], r[:, -K:], t[:, -K:])[:, -1]
     torch.testing.assert_close(model.get_action(s, a, r, t), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_forward_is_every_token_through_every_block(padded):
+    """forward's shortcut, the last block computing only the s_t tokens that predict actions, is
+    the plain transformer: all 3K tokens through every block, the s_t tokens' outputs read."""
+    torch.manual_seed(0)
+    model = DecisionTransformer(DTConfig(state_dim=S, act_dim=A, context_len=8, n_layer=3, n_head=4,
+                                         n_embd=32, dropout=0.0)).eval()
+    s, a, r, t = random_window(3, 8)
+    mask = torch.arange(8).expand(3, 8) >= torch.tensor([[0], [3], [7]]) if padded else None
+    x = model.embed(s, a, r, t)
+    for block in model.blocks:
+        x = block(x, None if mask is None else padded_causal_mask(mask))
+    every_token = torch.tanh(model.predict_action(model.ln_f(x)[:, 1::3]))
+    torch.testing.assert_close(model(s, a, r, t, mask), every_token, rtol=0, atol=1e-5)
 
 
 def test_weight_decay_only_on_matrices():
@@ -700,7 +716,8 @@ def test_resume_refuses_other_data_and_changed_settings(tmp_path, trained):
         train.main(["--resume", str(tmp_path / "plain.pt")])
 
 
-def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     data = write_d4rl(tmp_path / "halfcheetah-c.hdf5", [50] * 4)
     out = tmp_path / "run.pt"
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--max-steps", "100000",
@@ -713,7 +730,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     # A second run aimed at the same files while this one is going is refused, naming it.
     second = run_cli("train.py", "--data", str(data), "--max-steps", "5", *TINY, "--out", str(out), "--overwrite")
     assert_one_line_error(second, str(out), "still going", f"pid {proc.pid}")
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr
     step = torch.load(out, weights_only=True)["step"]

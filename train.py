@@ -389,19 +389,23 @@ def report_end(args, world, done, total_steps, saved_step, start_step, elapsed, 
 
 class StopOnCtrlC:
     """The first Ctrl-C asks the loop to stop after the current step and save; a second one
-    interrupts at once (the last checkpoint on disk stays intact either way)."""
+    interrupts at once (the last checkpoint on disk stays intact either way). SIGTERM, what `kill`,
+    a job scheduler's time limit or a preempted cloud machine sends, is treated the same way."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        signal.signal(signum, self.previous[signum])
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
