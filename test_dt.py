@@ -994,13 +994,20 @@ def test_rollout_in_halfcheetah_reports_returns_and_normalized_score(trained, ca
             100 * (r["mean_return"] + 280.178953) / (12135.0 + 280.178953))
 
 
-def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
-    """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
-    from the batched rollout must equal those of each episode run alone."""
+def untrained_hopper(tmp_path):
+    """A tiny Hopper DT after one training step, and its normalization: its episodes end within a
+    few dozen steps, each at its own time."""
     data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
     out = tmp_path / "hopper.pt"
     train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
     model, norm, _ = checkpoint.load_checkpoint(out)
+    return model, norm
+
+
+def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
+    """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
+    from the batched rollout must equal those of each episode run alone."""
+    model, norm = untrained_hopper(tmp_path)
     together = rollout.rollout(model, norm, "Hopper-v5", 3600, 4, seed=0, progress=False)
     alone = [rollout.rollout(model, norm, "Hopper-v5", 3600, 1, seed=i, progress=False)[0] for i in range(4)]
     np.testing.assert_allclose(together, alone, rtol=1e-4)
@@ -1010,10 +1017,7 @@ def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
 def test_the_policy_sees_the_same_shapes_at_every_step(tmp_path, monkeypatch):
     """rollout hands get_action a K-step window every time, padded and masked at the start: the
     fixed shapes that let torch.compile capture one step's forward once and replay it."""
-    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
-    out = tmp_path / "hopper.pt"
-    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
-    model, norm, _ = checkpoint.load_checkpoint(out)
+    model, norm = untrained_hopper(tmp_path)
     calls, get_action = [], model.get_action
     # The window's buffers are updated in place, so each call's inputs are copied as they were.
     monkeypatch.setattr(model, "get_action", lambda *a: (calls.append([x if x is None else x.clone() for x in a]),
@@ -1036,10 +1040,7 @@ def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
     shapes keep it to two graphs: the padded start, with its mask, and every step after it.
     (Hopper: an untrained one falls within a few dozen steps, before rounding differences between
     compiled and eager kernels can grow, as they do over a 1000-step HalfCheetah episode.)"""
-    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
-    out = tmp_path / "hopper.pt"
-    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
-    model, norm, _ = checkpoint.load_checkpoint(out)
+    model, norm = untrained_hopper(tmp_path)
     torch._dynamo.reset()
     eager = rollout.rollout(model, norm, "Hopper-v5", 3600, 3, progress=False, compile=False)
     torch._dynamo.utils.counters.clear()
