@@ -8,8 +8,8 @@ one JSON object) of:
              compile time is reported apart
   sampler    milliseconds per batch for the batch sampler alone
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel (its policy
-             compiled with --compile, the default on CUDA), the same policy run one episode
-             at a time, and the vector env stepped alone, with no policy: its own ceiling
+             compiled with --compile), the same policy run one episode at a time, and the
+             vector env stepped alone, with no policy: its own ceiling
   memory     peak resident memory after training (CPU) or peak CUDA memory allocated
   roofline   this machine's matmul peak, measured in the same run; the FLOPs of a training step
              and of an evaluation forward (FlopCounterMode on the real model), and the fraction of
@@ -57,8 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first (compile happens here)")
     p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="parallel episodes to time")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the training forward, as train.py --compile does, and the "
-                   "evaluation policy, as rollouts on CUDA do (default: on CUDA, off on a CPU)")
+                   help="torch.compile the training forward, as train.py --compile does (default: on "
+                   "CUDA, off on a CPU), and the evaluation policy (CUDA graphs on a GPU)")
     p.add_argument("--no-amp", action="store_true", help="train in fp32, as train.py --no-amp does")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--check", action="store_true",
@@ -198,7 +198,8 @@ def env_only_steps_per_s(episodes, steps=200):
 def check(args, data, device):
     """The compiled training path checked against eager and timed, one compile mode at a time:
     the same seed and batches, so the losses must agree (to the rounding of fused kernels and
-    another dropout stream); then evaluation with many episodes in parallel. Returns one dict."""
+    another dropout stream); then evaluation with many episodes in parallel, eager and compiled
+    (CUDA graphs on a GPU), and the vector env alone. Returns one dict."""
     targs = train_args(args)
     targs.compile = False  # each mode is compiled here, not by setup_training
     cfg = train.model_config(targs, data)
@@ -222,8 +223,10 @@ def check(args, data, device):
     eager = result["eager"]["loss"]
     result["max_loss_gap"] = max(abs(result[m]["loss"] - eager) / eager for m in args.compile_modes)
     model.eval()
-    result["eval_env_steps_per_s_by_episodes"] = {
-        n: env_steps_per_s(model, data, n, compile=device == "cuda") for n in args.eval_episodes}
+    result["eval_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, compile=False)
+                                                  for n in args.eval_episodes}
+    result["eval_compiled_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, compile=True)
+                                                           for n in args.eval_episodes}
     result["env_only_steps_per_s_by_episodes"] = {n: env_only_steps_per_s(n) for n in args.eval_episodes}
     return result
 

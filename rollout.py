@@ -35,19 +35,18 @@ def normalized_score(env_id, ret):
 
 
 @torch.no_grad()
-def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None, compile=None):
+def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None, compile=False):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`;
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
-    the policy through torch.compile (default: on CUDA, where one step's forward is a few dozen
-    small kernel launches and CUDA graphs replay them as one; on a CPU it measured no faster)."""
+    the policy through torch.compile, on CUDA as CUDA graphs (one step's few dozen kernel
+    launches replayed as one). It is off by default: compiling takes longer than the launches it
+    saves in one 1000-step rollout, and on a CPU it measured no faster (README, Speed)."""
     envs = make_envs(env_id, episodes, recorder)
     check_env_matches(envs, env_id, model.cfg)
     device = next(model.parameters()).device
     norm = norm.to(device)
     max_steps = envs.envs[0].spec.max_episode_steps or 1000
-    if compile is None:
-        compile = device.type == "cuda"
     policy = model.get_action
     if compile:
         policy = torch.compile(policy, mode="reduce-overhead" if device.type == "cuda" else None)
