@@ -73,10 +73,13 @@ def run(name, body, method, mode, seed, data_dir):
                  "--seed", str(seed), "--out", str(ckpt)]
     print(f"== {name}: python train.py {' '.join(train)}", flush=True)
     subprocess.run([sys.executable, "train.py", *train], cwd=HERE, check=True)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    if saved["step"] < saved["total_steps"]:  # train.py was stopped (Ctrl-C, SIGTERM) and saved
+        sys.exit(f"== {name}: stopped at step {saved['step']} of {saved['total_steps']}; "
+                 f"the same command carries on from there")
     evaluation = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--episodes", "10", "--json"],
                                 cwd=HERE, check=True, capture_output=True, text=True).stdout
     result = json.loads(evaluation)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     result.update(method=method, dataset=FILES[body], reward_mode=mode, seed=seed, steps=saved["step"],
                   train_s=round(saved["elapsed_s"], 1))
     (RESULTS / "runs" / f"{name}.csv").write_bytes(ckpt.with_suffix(".csv").read_bytes())

@@ -1225,6 +1225,19 @@ def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys
         assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
 
 
+def test_an_experiment_run_stopped_part_way_is_not_scored(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "HERE", tmp_path)
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path / "results")
+
+    def train_stopped_by_sigterm(cmd, **kwargs):  # train.py saved step 40 of 100 and exited cleanly
+        torch.save({"step": 40, "total_steps": 100, "elapsed_s": 1.0}, tmp_path / "runs" / "hopper-dt-dense-s0.pt")
+
+    monkeypatch.setattr(experiment.subprocess, "run", train_stopped_by_sigterm)
+    with pytest.raises(SystemExit, match="stopped at step 40 of 100; the same command carries on from there"):
+        experiment.run("hopper-dt-dense-s0", "hopper", "dt", "dense", 0, str(tmp_path))
+    assert not (tmp_path / "results" / "runs" / "hopper-dt-dense-s0.json").exists()
+
+
 # --- download.py ------------------------------------------------------------------------------
 
 class FlakyHandler(http.server.BaseHTTPRequestHandler):

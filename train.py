@@ -225,7 +225,7 @@ def main(argv=None):
         start_step, elapsed_before = restore(saved, model, optimizer, gen, args, rank) if saved else (0, 0.0)
         run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": env_id,
                     **{k: v.cpu() if torch.is_tensor(v) else v for k, v in vars(data.norm).items()},
-                    "train_args": vars(args)}
+                    "train_args": vars(args), "total_steps": total_steps}
         say(describe_data(args, data, env_id, device))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not IQL's target networks
         say(f"model: {args.model}, {n_params / 1e6:.2f}M parameters; {total_steps} steps ({steps_per_epoch} per epoch)"
