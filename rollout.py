@@ -40,8 +40,8 @@ def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, record
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
     the policy through torch.compile, on CUDA as CUDA graphs (one step's few dozen kernel
-    launches replayed as one). It is off by default: compiling takes longer than the launches it
-    saves in one 1000-step rollout, and on a CPU it measured no faster (README, Speed)."""
+    launches replayed as one). It is off by default: compiling (about 30 s on a CPU) costs more
+    than it saves in one 1000-step rollout (README, Speed)."""
     envs = make_envs(env_id, episodes, recorder)
     check_env_matches(envs, env_id, model.cfg)
     device = next(model.parameters()).device
