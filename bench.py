@@ -267,7 +267,7 @@ def main(argv=None):
     peak_mb = peak_memory_mb(device)
     step_flops = train_step_flops(model, train_model, optimizer, amp, data, targs)
     model.eval()
-    compiled = targs.compile if targs.compile is not None else device == "cuda"
+    compiled = train.compiles(targs, device)
     curve = {n: env_steps_per_s(model, data, n, compiled) for n in args.eval_episodes}
     sequential = env_steps_per_s(model, data, 1, compiled, runs=2)
     env_only = {n: env_only_steps_per_s(n) for n in args.eval_episodes}

@@ -140,6 +140,12 @@ def use_bf16(args, device):
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def compiles(args, device):
+    """--compile, or by default: on CUDA, where the step is launch-bound; off on a CPU, where
+    it measured slower (README, Speed)."""
+    return args.compile if args.compile is not None else device.startswith("cuda")
+
+
 def setup_training(cfg, args, device):
     """The model, the callable the training forward goes through (compiled with --compile, the
     default on CUDA; wrapped in DDP under torchrun), the optimizer and the autocast context: one
@@ -150,8 +156,7 @@ def setup_training(cfg, args, device):
         optimizer = iql.configure_optimizer(model, args.lr)
     else:
         optimizer = configure_optimizer(model, args.lr, args.weight_decay)
-    compile_forward = args.compile if args.compile is not None else on_cuda
-    if compile_forward and args.model != "iql":  # IQL calls its networks one by one, not through forward
+    if compiles(args, device) and args.model != "iql":  # IQL calls its networks one by one, not through forward
         train_model = torch.compile(model)
     else:
         train_model = model
@@ -241,7 +246,7 @@ def main(argv=None):
         t0, eval_time = time.time(), 0.0  # elapsed_s in the log is training time, evaluation excluded
         bar = tqdm(desc="train", unit="step", dynamic_ncols=True, initial=start_step, total=total_steps,
                    disable=not master)
-        with StopOnCtrlC() as ctrl_c:
+        with StopOnSignal() as signals:
             for step in range(start_step, total_steps):
                 # sample -> step. The loss stays on the device: no host sync until a log point.
                 recent[n_recent], lr = sample_and_step(step, total_steps, data, gen, model, train_model,
@@ -251,9 +256,9 @@ def main(argv=None):
 
                 done = step + 1
                 if world == 1:
-                    stop = ctrl_c.requested
+                    stop = signals.requested
                 else:  # agreeing costs a host sync, so the processes agree at log points only
-                    stop = done % args.log_every == 0 and distributed.agreed(ctrl_c.requested, device)
+                    stop = done % args.log_every == 0 and distributed.agreed(signals.requested, device)
                 finished = done == total_steps or stop
                 evaluating = args.eval_every and (done % args.eval_every == 0 or done == total_steps)
                 saving = finished or evaluating or done % args.save_every == 0
@@ -282,7 +287,7 @@ def main(argv=None):
                     log.writerow(row)
                     log_file.flush()
                     bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}")
-                # `finished`, not ctrl_c.requested: a Ctrl-C that arrives after the save decision
+                # `finished`, not signals.requested: a Ctrl-C that arrives after the save decision
                 # above must wait one more step to be saved, not end the run unsaved.
                 if finished:
                     break
@@ -387,7 +392,7 @@ def report_end(args, world, done, total_steps, saved_step, start_step, elapsed, 
           f"checkpoint {args.out}, log {log_path}")
 
 
-class StopOnCtrlC:
+class StopOnSignal:
     """The first Ctrl-C asks the loop to stop after the current step and save; a second one
     interrupts at once (the last checkpoint on disk stays intact either way). SIGTERM, what `kill`,
     a job scheduler's time limit or a preempted cloud machine sends, is treated the same way."""
