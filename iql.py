@@ -94,6 +94,20 @@ def iql_loss(model, batch, args):
     return value_loss + q_loss + actor_loss
 
 
+class Objective(nn.Module):
+    """IQL's training forward: a batch of transitions in, iql_loss out. The DT's training step goes
+    through its model's forward; IQL's calls its networks one by one, so this module gives it a
+    forward of its own, which is what DistributedDataParallel (gradients averaged during backward)
+    and torch.compile wrap. It holds the model, not a copy: the optimizer sees the same weights."""
+
+    def __init__(self, model, args):
+        super().__init__()
+        self.model, self.args = model, args
+
+    def forward(self, states, actions, rewards, next_states, terminals):
+        return iql_loss(self.model, (states, actions, rewards, next_states, terminals), self.args)
+
+
 def expectile_loss(diff, expectile):
     """V's loss: expectile regression on diff = Q - V, |expectile - 1(diff < 0)| * diff^2. An
     expectile above one half weighs Q > V more than Q < V, so V follows the better actions the

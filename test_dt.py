@@ -665,13 +665,15 @@ def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, cap
                     *TINY, "--out", str(out)] + (["--target", target] if target else []))
         assert shown in capsys.readouterr().out
 
-@pytest.mark.parametrize("model", ["dt", "iql", pytest.param("dt-compiled", marks=needs_compiler)])
+@pytest.mark.parametrize("model", ["dt", "iql", pytest.param("dt-compiled", marks=needs_compiler),
+                                   pytest.param("iql-compiled", marks=needs_compiler)])
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
     # The DT's dropout stays at 0.1, so the global RNG matters as much as the sampler's; IQL's
     # target networks and its actor's learning-rate schedule must come back too; a compiled
     # forward must give the same steps after a restart as before it.
-    size = {"dt": TINY, "dt-compiled": [*TINY, "--compile"], "iql": ["--model", "iql", "--batch-size", "8", "--n-embd", "16"]}
+    iql_size = ["--model", "iql", "--batch-size", "8", "--n-embd", "16"]
+    size = {"dt": TINY, "dt-compiled": [*TINY, "--compile"], "iql": iql_size, "iql-compiled": [*iql_size, "--compile"]}
     run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size[model]]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     train.main(run + ["--out", str(straight)])
@@ -1157,24 +1159,29 @@ def test_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, capsys, m
 
 # --- distributed.py, bench.py and experiment.py ------------------------------------------------
 
-def test_torchrun_trains_data_parallel_on_two_cpu_processes(tmp_path):
+@pytest.mark.parametrize("model", ["dt", "iql"])
+def test_torchrun_trains_data_parallel_on_two_cpu_processes(tmp_path, model):
     data = write_d4rl(tmp_path / "halfcheetah-ddp.hdf5", [50] * 4)
+    # Both cover an epoch (200 steps) in half the steps with two processes: the DT in windows of
+    # 4 x batch 8, IQL in transitions, batch 16.
+    size, steps, weight = {"dt": (TINY, (14, 8), "predict_action.weight"),
+                           "iql": (["--model", "iql", "--batch-size", "16", "--n-embd", "16"], (26, 14), "q1.0.weight")}[model]
     runs = {}
     for world in (1, 2):
         out = tmp_path / f"world{world}.pt"
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         proc = subprocess.run([*(launch if world == 2 else [sys.executable]), "train.py", "--data", str(data),
-                               "--epochs", "2", "--log-every", "2", *TINY, "--out", str(out)],
+                               "--epochs", "2", "--log-every", "2", *size, "--out", str(out)],
                               cwd=HERE, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         runs[world] = proc.stdout, torch.load(out, weights_only=True)
-    # Two processes cover an epoch (200 steps in windows of 4 x batch 8) in half the steps.
-    assert "14 steps (7 per epoch)" in runs[1][0] and "8 steps (4 per epoch)" in runs[2][0]
+    assert f"{steps[0]} steps ({steps[0] // 2} per epoch)" in runs[1][0]
+    assert f"{steps[1]} steps ({steps[1] // 2} per epoch)" in runs[2][0]
     stdout, ckpt = runs[2]
     assert stdout.count("config:") == 1 and "2 processes" in stdout  # only process 0 speaks
-    assert ckpt["step"] == 8 and len((tmp_path / "world2.csv").read_text().splitlines()) == 1 + 4
+    assert ckpt["step"] == steps[1] and len((tmp_path / "world2.csv").read_text().splitlines()) == 1 + steps[1] // 2
     # Process 1's batches (another seed) reached the weights through the averaged gradients.
-    assert not torch.equal(ckpt["model"]["predict_action.weight"], runs[1][1]["model"]["predict_action.weight"])
+    assert not torch.equal(ckpt["model"][weight], runs[1][1]["model"][weight])
 
 
 def test_bench_runs_and_reports_every_figure(capsys):

@@ -79,7 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--no-amp", action="store_true",
                    help="train in fp32 instead of bf16 autocast (CUDA, and CPUs with bf16 arithmetic)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the DT's and BC's training forward (default: on CUDA, off on a CPU)")
+                   help="torch.compile the training forward (default: on CUDA, off on a CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt.pt", help="checkpoint path; the CSV log goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run's checkpoint at --out")
@@ -154,12 +154,12 @@ def setup_training(cfg, args, device):
     on_cuda = device.startswith("cuda")
     if args.model == "iql":
         optimizer = iql.configure_optimizer(model, args.lr)
+        train_model = iql.Objective(model, args)  # its forward is the loss
     else:
         optimizer = configure_optimizer(model, args.lr, args.weight_decay)
-    if compiles(args, device) and args.model != "iql":  # IQL calls its networks one by one, not through forward
-        train_model = torch.compile(model)
-    else:
         train_model = model
+    if compiles(args, device):
+        train_model = torch.compile(train_model)
     train_model = distributed.wrap(train_model, device)
     # bf16 for the matmuls, fp32 weights and optimizer state; action_loss is taken in fp32.
     amp = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16(args, device))
@@ -171,7 +171,7 @@ def train_step(model, train_model, optimizer, amp, batch, lr, args):
     for group in optimizer.param_groups:
         group["lr"] = args.lr if group.get("schedule") == "constant" else lr
     if args.model == "iql":
-        loss = iql.iql_loss(train_model, batch, args)
+        loss = train_model(*batch)
     else:
         states, actions, rtg, timesteps, mask = batch
         with amp:
