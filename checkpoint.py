@@ -5,12 +5,14 @@ and evaluate.py reads.
 A checkpoint is a dict of tensors and plain Python values only (model weights and config, the
 data's normalization, and for resuming the optimizer, RNG states and step), so it loads with
 torch.load(weights_only=True) and a file from a stranger cannot run code. It is always written to a
-temporary file and renamed, so the file on disk is the last complete save, never half of one.
+temporary file and renamed, so the file on disk is the last complete save, never half of one,
+and a run that is asked to stop (Ctrl-C, SIGTERM) saves before it exits: StopOnSignal.
 """
 import argparse
 import fcntl
 import os
 import pickle
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -199,3 +201,24 @@ def claim_output(path, resuming, overwrite):
 def release_output(lock):
     Path(lock.name).unlink(missing_ok=True)
     lock.close()
+
+
+class StopOnSignal:
+    """The first Ctrl-C asks the loop to stop after the current step and save; a second one
+    interrupts at once (the last checkpoint on disk stays intact either way). SIGTERM, what `kill`,
+    a job scheduler's time limit or a preempted cloud machine sends, is treated the same way."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signum, self.previous[signum])
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)

@@ -15,7 +15,6 @@ checkpoint and exits.
 import argparse
 import csv
 import math
-import signal
 import sys
 import time
 from dataclasses import asdict
@@ -27,8 +26,8 @@ from tqdm import tqdm
 import distributed
 import download
 import iql
-from checkpoint import (FORMAT_VERSION, RunError, check_same_data, claim_output, release_output,
-                        resolve_device, restore, resume_run, rng_state, save_checkpoint)
+from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, check_same_data, claim_output,
+                        release_output, resolve_device, restore, resume_run, rng_state, save_checkpoint)
 from data import load_trajectories, sample_batch, sample_transitions
 from datafiles import DataError
 from model import DTConfig, build_model, configure_optimizer
@@ -390,27 +389,6 @@ def report_end(args, world, done, total_steps, saved_step, start_step, elapsed, 
     rate = (total_steps - start_step) / (elapsed - elapsed_before)
     print(f"done: {total_steps} steps in {elapsed:.0f}s ({rate:.1f} steps/s), final loss {loss:.4f}, "
           f"checkpoint {args.out}, log {log_path}")
-
-
-class StopOnSignal:
-    """The first Ctrl-C asks the loop to stop after the current step and save; a second one
-    interrupts at once (the last checkpoint on disk stays intact either way). SIGTERM, what `kill`,
-    a job scheduler's time limit or a preempted cloud machine sends, is treated the same way."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __enter__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-        signal.signal(signum, self.previous[signum])
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 if __name__ == "__main__":
