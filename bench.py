@@ -8,8 +8,9 @@ one JSON object) of:
              compile time is reported apart
   sampler    milliseconds per batch for the batch sampler alone
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel (its policy
-             compiled with --compile), the same policy run one episode at a time, and the
-             vector env stepped alone, with no policy: its own ceiling
+             compiled with --compile; its environments stepped by --env-workers processes), the
+             same policy run one episode at a time, and the vector env stepped alone, with no
+             policy: its own ceiling
   memory     peak resident memory after training (CPU) or peak CUDA memory allocated
   roofline   this machine's matmul peak, measured in the same run; the FLOPs of a training step
              and of an evaluation forward (FlopCounterMode on the real model), and the fraction of
@@ -18,7 +19,7 @@ one JSON object) of:
 
     python bench.py                                     # data/halfcheetah-expert-v2.hdf5
     python bench.py --synthetic --eval-episodes 1 5 10 20 50 --json
-    python bench.py --device cuda --check --steps 300 --eval-episodes 10 100 1000   # a GPU's first run
+    python bench.py --device cuda --check --steps 300 --eval-episodes 10 100 1000 --env-workers 8   # a GPU's first run
 
 The model is untrained: speed does not depend on the weights, and an untrained cheetah's
 episodes last the same 1000 steps. Numbers are only comparable within one machine and session.
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=30, help="timed training steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed training steps first (compile happens here)")
     p.add_argument("--eval-episodes", type=int, nargs="+", default=[10], help="parallel episodes to time")
+    p.add_argument("--env-workers", type=int, default=1,
+                   help="processes that step the environments in evaluation, as evaluate.py --env-workers")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training forward, as train.py --compile does (default: on "
                    "CUDA, off on a CPU), and the evaluation policy (CUDA graphs on a GPU)")
@@ -69,8 +72,8 @@ def parse_args(argv=None):
     for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
         p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 1 or min(args.eval_episodes) < 1:
-        p.error("--steps, --warmup and --eval-episodes must be at least 1")
+    if args.steps < 1 or args.warmup < 1 or min(args.eval_episodes) < 1 or args.env_workers < 1:
+        p.error("--steps, --warmup, --eval-episodes and --env-workers must be at least 1")
     return args
 
 
@@ -166,13 +169,13 @@ def eval_forward_flops(model, episodes, device):
     return counted_flops(lambda: model.get_action(*window))
 
 
-def env_steps_per_s(model, data, episodes, compile, runs=1):
+def env_steps_per_s(model, data, episodes, compile, workers, runs=1):
     """Environment steps per second over `runs` calls of rollout with `episodes` in parallel.
     HalfCheetah never ends an episode early, so each one is exactly 1000 steps. A compiled policy
     is compiled (and its CUDA graphs recorded) in one rollout first, not timed."""
     def run(seed):
         rollout(model, data.norm, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, seed=seed, progress=False,
-                compile=compile)
+                compile=compile, env_workers=workers)
     if compile:
         run(seed=runs)
     t0 = time.perf_counter()
@@ -181,10 +184,10 @@ def env_steps_per_s(model, data, episodes, compile, runs=1):
     return runs * episodes * 1000 / (time.perf_counter() - t0)
 
 
-def env_only_steps_per_s(episodes, steps=200):
-    """The vector env alone, stepped with zero actions: how fast evaluation could go if the
-    policy cost nothing."""
-    envs = make_envs(ENV_ID, episodes)
+def env_only_steps_per_s(episodes, workers, steps=200):
+    """The vector env alone, stepped with zero actions by `workers` processes: how fast evaluation
+    could go if the policy cost nothing."""
+    envs = make_envs(ENV_ID, episodes, workers=workers)
     envs.reset(seed=0)
     zeros = np.zeros((episodes, *envs.single_action_space.shape), np.float32)
     t0 = time.perf_counter()
@@ -199,7 +202,8 @@ def check(args, data, device):
     """The compiled training path checked against eager and timed, one compile mode at a time:
     the same seed and batches, so the losses must agree (to the rounding of fused kernels and
     another dropout stream); then evaluation with many episodes in parallel, eager and compiled
-    (CUDA graphs on a GPU), and the vector env alone. Returns one dict."""
+    (CUDA graphs on a GPU), and the vector env alone, in one process and in --env-workers.
+    Returns one dict."""
     targs = train_args(args)
     targs.compile = False  # each mode is compiled here, not by setup_training
     cfg = train.model_config(targs, data)
@@ -223,11 +227,15 @@ def check(args, data, device):
     eager = result["eager"]["loss"]
     result["max_loss_gap"] = max(abs(result[m]["loss"] - eager) / eager for m in args.compile_modes)
     model.eval()
-    result["eval_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, compile=False)
+    workers = result["env_workers"] = args.env_workers
+    result["eval_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, False, workers)
                                                   for n in args.eval_episodes}
-    result["eval_compiled_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, compile=True)
+    result["eval_compiled_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, True, workers)
                                                            for n in args.eval_episodes}
-    result["env_only_steps_per_s_by_episodes"] = {n: env_only_steps_per_s(n) for n in args.eval_episodes}
+    result["env_only_steps_per_s_by_episodes"] = {n: env_only_steps_per_s(n, 1) for n in args.eval_episodes}
+    if workers > 1:
+        result["env_only_steps_per_s_by_episodes_workers"] = {n: env_only_steps_per_s(n, workers)
+                                                              for n in args.eval_episodes}
     return result
 
 
@@ -268,9 +276,10 @@ def main(argv=None):
     step_flops = train_step_flops(model, train_model, optimizer, amp, data, targs)
     model.eval()
     compiled = train.compiles(targs, device)
-    curve = {n: env_steps_per_s(model, data, n, compiled) for n in args.eval_episodes}
-    sequential = env_steps_per_s(model, data, 1, compiled, runs=2)
-    env_only = {n: env_only_steps_per_s(n) for n in args.eval_episodes}
+    workers = args.env_workers
+    curve = {n: env_steps_per_s(model, data, n, compiled, workers) for n in args.eval_episodes}
+    sequential = env_steps_per_s(model, data, 1, compiled, workers=1, runs=2)
+    env_only = {n: env_only_steps_per_s(n, workers) for n in args.eval_episodes}
     # Training runs its matmuls in bf16 where use_bf16 says so; evaluation always in fp32.
     peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
@@ -289,6 +298,7 @@ def main(argv=None):
         "sampler_ms_per_batch": sampler_s * 1e3,
         "sampler_share_of_step": sampler_s / step_s,
         "eval_episodes": max(args.eval_episodes),
+        "env_workers": workers,
         "eval_env_steps_per_s": curve[max(args.eval_episodes)],
         "eval_env_steps_per_s_by_episodes": curve,
         "eval_env_steps_per_s_sequential": sequential,
@@ -312,7 +322,7 @@ def main(argv=None):
           f"{100 * result['sampler_share_of_step']:.1f}% of a training step")
     for n, rate in curve.items():
         print(f"eval      {rate:9.0f} env steps/s with {n} episode{'s' if n > 1 else ''} in parallel "
-              f"(the env alone: {env_only[n]:,.0f})")
+              f"(the env alone: {env_only[n]:,.0f}{f', {workers} processes' if workers > 1 else ''})")
     print(f"eval      {sequential:9.0f} env steps/s one episode at a time ({result['eval_episodes']} in "
           f"parallel: {result['eval_env_steps_per_s'] / sequential:.1f}x as fast)")
     print(f"memory    {peak_mb:9.0f} MB peak {'CUDA allocated' if device == 'cuda' else 'resident (RSS)'}")

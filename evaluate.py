@@ -5,6 +5,7 @@ Roll a trained Decision Transformer out in its MuJoCo environment, asking it for
     python evaluate.py ckpt.pt --target 6000 12000 --episodes 10 --json
     python evaluate.py ckpt.pt --target 0 4000 8000 12000 --plot sweep.png
     python evaluate.py ckpt.pt --target 12000 --video cheetah.mp4
+    python evaluate.py ckpt.pt --episodes 1000 --env-workers 8 --device cuda
 
 At every step of an episode the model sees the last K (return-to-go, state, action) steps and
 picks the next action. The return-to-go starts at the target and counts down by each reward
@@ -27,6 +28,8 @@ def parse_args(argv=None):
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--env-workers", type=int, default=1, help="processes that step the environments; "
+                   "pays off with hundreds of episodes, where stepping them takes longer than the policy")
     p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="draw achieved against requested return")
@@ -35,8 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--video-seconds", type=float, help="keep only the first seconds of the video "
                    "(default: the whole episode; a short GIF for a web page)")
     args = p.parse_args(argv)
-    if args.episodes < 1:
-        p.error("--episodes must be at least 1")
+    if args.episodes < 1 or args.env_workers < 1:
+        p.error("--episodes and --env-workers must be at least 1")
     if args.video_seconds is not None and args.video_seconds <= 0:
         p.error("--video-seconds must be positive")
     for flag, path in (("--plot", args.plot), ("--video", args.video)):
@@ -45,6 +48,8 @@ def parse_args(argv=None):
     if args.plot:
         from plot import require_matplotlib
         require_matplotlib(p, "--plot")
+    if args.video and args.env_workers > 1:
+        p.error("--video records its episode in this process: leave out --env-workers")
     if args.video:
         from video import check_video_args
         check_video_args(p, args)
@@ -75,7 +80,7 @@ def main(argv=None):
             recorder = Recorder(args.video_seconds)
         try:
             returns = rollout(model, norm, env_id, target, args.episodes, args.seed,
-                              progress=not args.json, recorder=recorder)
+                              progress=not args.json, recorder=recorder, env_workers=args.env_workers)
         except RunError as e:  # the env does not fit this checkpoint: name both
             raise RunError(f"{args.checkpoint}: {e}") from None
         result = {

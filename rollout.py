@@ -3,7 +3,8 @@ Rolling a policy out in its MuJoCo environment, many episodes side by side, and 
 as D4RL does. evaluate.py and train.py's --eval-every both go through `rollout`.
 
 All episodes run in one gymnasium vector env, and each environment step is one batched model
-forward for all of them.
+forward for all of them. With env_workers > 1 the environments are stepped by that many processes
+(vecenv.py), for evaluations of hundreds of episodes.
 """
 import sys
 
@@ -35,18 +36,20 @@ def normalized_score(env_id, ret):
 
 
 @torch.no_grad()
-def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None, compile=False):
+def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None, compile=False,
+            env_workers=1):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`;
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
     the policy through torch.compile, on CUDA as CUDA graphs (one step's few dozen kernel
     launches replayed as one). It is off by default: compiling (about 30 s on a CPU) costs more
-    than it saves in one 1000-step rollout (README, Speed)."""
-    envs = make_envs(env_id, episodes, recorder)
+    than it saves in one 1000-step rollout (README, Speed). `env_workers` processes step the
+    environments (vecenv.py); a recorder needs its episode here, in one process."""
+    envs = make_envs(env_id, episodes, recorder, env_workers)
     check_env_matches(envs, env_id, model.cfg)
     device = next(model.parameters()).device
     norm = norm.to(device)
-    max_steps = envs.envs[0].spec.max_episode_steps or 1000
+    max_steps = envs.spec.max_episode_steps or 1000
     policy = model.get_action
     if compile:
         policy = torch.compile(policy, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -90,9 +93,14 @@ def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, record
     return returns
 
 
-def make_envs(env_id, num_envs, recorder=None):
+def make_envs(env_id, num_envs, recorder=None, workers=1):
     import gymnasium as gym
 
+    if workers > 1:
+        if recorder:
+            raise RunError("a video is recorded in this process: leave out the environment workers")
+        from vecenv import ShardedVectorEnv
+        return ShardedVectorEnv(env_id, num_envs, workers)
     quiet_mujoco()
     # Rendering is set up in every env but costs nothing until render() is called (on env 0 only).
     try:

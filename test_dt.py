@@ -1051,6 +1051,42 @@ def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_sharded_envs_step_exactly_as_one_process():
+    """vecenv.ShardedVectorEnv: 5 Hoppers over 2 worker processes give the same observations,
+    rewards and ends, autoresets included, as one gymnasium vector env in this process."""
+    actions = np.random.default_rng(0).uniform(-1, 1, (60, 5, 3)).astype(np.float32)
+    runs = []
+    for workers in (1, 2):
+        envs = rollout.make_envs("Hopper-v5", 5, workers=workers)
+        steps = [envs.reset(seed=7)[0]] + [envs.step(a)[:4] for a in actions]
+        envs.close()
+        runs.append(steps)
+    one, sharded = runs
+    np.testing.assert_array_equal(one[0], sharded[0])
+    for a, b in zip(one[1:], sharded[1:]):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert any(step[2].any() for step in one[1:])  # some fell, and were reset, within the 60 steps
+
+
+def test_a_rollout_with_env_workers_returns_what_one_process_does(tmp_path):
+    model, norm = untrained_hopper(tmp_path)
+    alone = rollout.rollout(model, norm, "Hopper-v5", 3600, 3, seed=0, progress=False)
+    sharded = rollout.rollout(model, norm, "Hopper-v5", 3600, 3, seed=0, progress=False, env_workers=2)
+    np.testing.assert_array_equal(alone, sharded)
+
+
+def test_env_workers_fail_in_one_line(trained, tmp_path, capsys):
+    with pytest.raises(checkpoint.RunError, match="cannot make environment 'Nope-v5'"):
+        rollout.make_envs("Nope-v5", 4, workers=2)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([str(trained), "--video", str(tmp_path / "x.gif"), "--env-workers", "2"])
+    assert "leave out --env-workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([str(trained), "--env-workers", "0"])
+    assert "--env-workers must be at least 1" in capsys.readouterr().err
+
+
 def test_normalized_score_reference_points():
     assert rollout.normalized_score("HalfCheetah-v5", 12135.0) == pytest.approx(100.0)
     assert rollout.normalized_score("HalfCheetah-v5", -280.178953) == pytest.approx(0.0)
@@ -1203,14 +1239,15 @@ def test_bench_runs_and_reports_every_figure(capsys):
 
 @needs_compiler
 def test_the_compiled_path_check_reports_each_mode_against_eager(capsys):
-    result = bench.main(["--synthetic", "--check", "--steps", "4", "--warmup", "1", "--eval-episodes", "1",
-                         "--compile-modes", "default", *TINY])
+    result = bench.main(["--synthetic", "--check", "--steps", "4", "--warmup", "1", "--eval-episodes", "2",
+                         "--compile-modes", "default", "--env-workers", "2", *TINY])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
     assert result["eager"]["steps_per_s"] > 0 and result["default"]["steps_per_s"] > 0
     assert result["max_loss_gap"] < 0.05  # the same batches and seed: compiled training learns the same
+    assert result["env_workers"] == 2  # the rollouts step their environments in 2 processes
     for curve in ("eval_env_steps_per_s_by_episodes", "eval_compiled_env_steps_per_s_by_episodes",
-                  "env_only_steps_per_s_by_episodes"):
-        assert set(result[curve]) == {1} and result[curve][1] > 0
+                  "env_only_steps_per_s_by_episodes", "env_only_steps_per_s_by_episodes_workers"):
+        assert set(result[curve]) == {2} and result[curve][2] > 0
 
 
 def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys):

@@ -1,0 +1,101 @@
+"""
+Many MuJoCo environments stepped by several processes at once: for evaluations with hundreds of
+episodes side by side, where stepping them one after another in this process takes longer than
+the policy's batched forward (on a GPU, at 1,000 episodes, it would take almost all of the time).
+
+gymnasium's AsyncVectorEnv gives every environment a process of its own, 1,000 processes for 1,000
+episodes. Here each of a few worker processes steps a contiguous share of the episodes in a
+gymnasium SyncVectorEnv, and every step the parent sends each worker its share of the actions and
+gathers what comes back. Episode i is still reset with seed + i, so the episodes are exactly those
+one process would run (test_sharded_envs_step_exactly_as_one_process).
+"""
+import multiprocessing
+
+import numpy as np
+
+from checkpoint import RunError
+
+
+class ShardedVectorEnv:
+    """`num_envs` copies of `env_id` split over `workers` processes, with the parts of a gymnasium
+    vector env's interface that rollout.py uses: reset(seed), step(actions), close(), spec and the
+    single spaces."""
+
+    def __init__(self, env_id, num_envs, workers):
+        workers = min(workers, num_envs)
+        self.bounds = np.linspace(0, num_envs, workers + 1).astype(int)  # worker w: [bounds[w], bounds[w + 1])
+        # spawn, not fork: a forked child would inherit torch's thread pools mid-use.
+        context = multiprocessing.get_context("spawn")
+        self.pipes, self.processes = [], []
+        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
+            ours, theirs = context.Pipe()
+            process = context.Process(target=work, args=(theirs, env_id, hi - lo), daemon=True)
+            process.start()
+            theirs.close()
+            self.pipes.append(ours)
+            self.processes.append(process)
+        self.spec, self.single_observation_space, self.single_action_space = self._gather()[0]
+
+    def reset(self, seed):
+        for pipe, lo in zip(self.pipes, self.bounds):
+            pipe.send(("reset", seed + int(lo)))  # each worker seeds its first episode with seed + lo
+        obs = self._gather()
+        return np.concatenate(obs), {}
+
+    def step(self, actions):
+        for pipe, lo, hi in zip(self.pipes, self.bounds[:-1], self.bounds[1:]):
+            pipe.send(("step", actions[lo:hi]))
+        obs, reward, terminated, truncated = (np.concatenate(x) for x in zip(*self._gather()))
+        return obs, reward, terminated, truncated, {}
+
+    def close(self):
+        for pipe in self.pipes:
+            try:
+                pipe.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass  # that worker has already gone
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
+
+    def _gather(self):
+        """Every worker's answer, in order; a worker's failure becomes one RunError."""
+        answers = []
+        for pipe in self.pipes:
+            try:
+                kind, answer = pipe.recv()
+            except EOFError:
+                self.close()
+                raise RunError("an environment worker process died") from None
+            if kind == "error":
+                self.close()
+                raise RunError(answer)
+            answers.append(answer)
+        return answers
+
+
+def work(pipe, env_id, num_envs):
+    """A worker process: make its share of the environments, then answer the parent's requests
+    until told to close."""
+    import gymnasium as gym
+
+    from rollout import quiet_mujoco
+
+    quiet_mujoco()
+    try:
+        envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
+    except gym.error.Error as e:
+        pipe.send(("error", f"cannot make environment {env_id!r}: {e}"))
+        return
+    pipe.send(("ok", (envs.spec, envs.single_observation_space, envs.single_action_space)))
+    while True:
+        command, arg = pipe.recv()
+        if command == "reset":
+            pipe.send(("ok", envs.reset(seed=arg)[0]))
+        elif command == "step":
+            obs, reward, terminated, truncated, _ = envs.step(arg)
+            pipe.send(("ok", (obs, reward, terminated, truncated)))
+        else:
+            envs.close()
+            return
