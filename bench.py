@@ -41,7 +41,8 @@ import train
 from checkpoint import RunError, resolve_device
 from data import load_trajectories, sample_batch
 from datafiles import DataError
-from rollout import DEFAULT_TARGETS, make_envs, rollout
+from rollout import DEFAULT_TARGETS, rollout
+from vecenv import make_envs
 
 ENV_ID = "HalfCheetah-v5"
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs", "reduce-overhead")

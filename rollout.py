@@ -3,16 +3,15 @@ Rolling a policy out in its MuJoCo environment, many episodes side by side, and 
 as D4RL does. evaluate.py and train.py's --eval-every both go through `rollout`.
 
 All episodes run in one gymnasium vector env, and each environment step is one batched model
-forward for all of them. With env_workers > 1 the environments are stepped by that many processes
-(vecenv.py), for evaluations of hundreds of episodes.
+forward for all of them. vecenv.py makes the environments: in this process, or with env_workers > 1
+stepped by that many processes, for evaluations of hundreds of episodes.
 """
-import sys
-
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from checkpoint import RunError
+from vecenv import make_envs
 
 # D4RL's reference returns (d4rl/infos.py): a random policy and the expert used to normalize
 # scores, 100 * (R - random) / (expert - random).
@@ -91,38 +90,6 @@ def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, record
     bar.close()
     envs.close()
     return returns
-
-
-def make_envs(env_id, num_envs, recorder=None, workers=1):
-    import gymnasium as gym
-
-    if workers > 1:
-        if recorder:
-            raise RunError("a video is recorded in this process: leave out the environment workers")
-        from vecenv import ShardedVectorEnv
-        return ShardedVectorEnv(env_id, num_envs, workers)
-    quiet_mujoco()
-    # Rendering is set up in every env but costs nothing until render() is called (on env 0 only).
-    try:
-        envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                            **(recorder.env_kwargs if recorder else {}))
-    except gym.error.Error as e:
-        raise RunError(f"cannot make environment {env_id!r}: {e}") from None
-    if recorder:
-        recorder.prepare(envs.envs[0])
-    return envs
-
-
-def quiet_mujoco():
-    """MuJoCo 4 warns on every load of HalfCheetah's XML that `settotalmass` is deprecated; it is
-    gymnasium's model file, not something a user can act on. Other MuJoCo warnings still print."""
-    import mujoco
-
-    def warn(msg):
-        if "settotalmass" not in msg:
-            print(f"MuJoCo warning: {msg}", file=sys.stderr)
-
-    mujoco.set_mju_user_warning(warn)
 
 
 def check_env_matches(envs, env_id, cfg):

@@ -29,6 +29,7 @@ import iql
 import plot
 import rollout
 import train
+import vecenv
 import video
 from checkpoint import CheckpointError, RunError
 from data import delay_rewards, episode_ends, load_trajectories, returns_to_go, sample_batch
@@ -1057,7 +1058,7 @@ def test_sharded_envs_step_exactly_as_one_process():
     actions = np.random.default_rng(0).uniform(-1, 1, (60, 5, 3)).astype(np.float32)
     runs = []
     for workers in (1, 2):
-        envs = rollout.make_envs("Hopper-v5", 5, workers=workers)
+        envs = vecenv.make_envs("Hopper-v5", 5, workers=workers)
         steps = [envs.reset(seed=7)[0]] + [envs.step(a)[:4] for a in actions]
         envs.close()
         runs.append(steps)
@@ -1078,7 +1079,7 @@ def test_a_rollout_with_env_workers_returns_what_one_process_does(tmp_path):
 
 def test_env_workers_fail_in_one_line(trained, tmp_path, capsys):
     with pytest.raises(checkpoint.RunError, match="cannot make environment 'Nope-v5'"):
-        rollout.make_envs("Nope-v5", 4, workers=2)
+        vecenv.make_envs("Nope-v5", 4, workers=2)
     with pytest.raises(SystemExit):
         evaluate.parse_args([str(trained), "--video", str(tmp_path / "x.gif"), "--env-workers", "2"])
     assert "leave out --env-workers" in capsys.readouterr().err

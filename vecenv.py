@@ -1,7 +1,8 @@
 """
-Many MuJoCo environments stepped by several processes at once: for evaluations with hundreds of
-episodes side by side, where stepping them one after another in this process takes longer than
-the policy's batched forward (on a GPU, at 1,000 episodes, it would take almost all of the time).
+The environments a rollout steps: a gymnasium vector env in this process, or, with workers > 1,
+the same environments stepped by several processes at once. That is for evaluations with hundreds
+of episodes side by side, where stepping them one after another takes longer than the policy's
+batched forward (on a GPU, at 1,000 episodes, it would take almost all of the time).
 
 gymnasium's AsyncVectorEnv gives every environment a process of its own, 1,000 processes for 1,000
 episodes. Here each of a few worker processes steps a contiguous share of the episodes in a
@@ -10,10 +11,44 @@ gathers what comes back. Episode i is still reset with seed + i, so the episodes
 one process would run (test_sharded_envs_step_exactly_as_one_process).
 """
 import multiprocessing
+import sys
 
 import numpy as np
 
 from checkpoint import RunError
+
+
+def make_envs(env_id, num_envs, recorder=None, workers=1):
+    """`num_envs` copies of `env_id`, stepped together. A video.Recorder films env 0, which must
+    then live in this process."""
+    import gymnasium as gym
+
+    if workers > 1:
+        if recorder:
+            raise RunError("a video is recorded in this process: leave out the environment workers")
+        return ShardedVectorEnv(env_id, num_envs, workers)
+    quiet_mujoco()
+    # Rendering is set up in every env but costs nothing until render() is called (on env 0 only).
+    try:
+        envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
+                            **(recorder.env_kwargs if recorder else {}))
+    except gym.error.Error as e:
+        raise RunError(f"cannot make environment {env_id!r}: {e}") from None
+    if recorder:
+        recorder.prepare(envs.envs[0])
+    return envs
+
+
+def quiet_mujoco():
+    """MuJoCo 4 warns on every load of HalfCheetah's XML that `settotalmass` is deprecated; it is
+    gymnasium's model file, not something a user can act on. Other MuJoCo warnings still print."""
+    import mujoco
+
+    def warn(msg):
+        if "settotalmass" not in msg:
+            print(f"MuJoCo warning: {msg}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(warn)
 
 
 class ShardedVectorEnv:
@@ -79,8 +114,6 @@ def work(pipe, env_id, num_envs):
     """A worker process: make its share of the environments, then answer the parent's requests
     until told to close."""
     import gymnasium as gym
-
-    from rollout import quiet_mujoco
 
     quiet_mujoco()
     try:
