@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import importlib.util
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -1086,6 +1087,37 @@ def test_env_workers_fail_in_one_line(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate.parse_args([str(trained), "--env-workers", "0"])
     assert "--env-workers must be at least 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_an_evaluation_with_env_workers_ends_in_one_line(trained, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, the workers too: only evaluate.py
+    answers it, in one line, and no worker is left behind."""
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "evaluate.py", str(trained), "--episodes", "100", "--env-workers", "2"],
+                                cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 90
+    while "target" not in err.read_text():  # the progress bar: the workers are stepping
+        assert proc.poll() is None and time.time() < deadline, err.read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 1
+    lines = [line for line in err.read_text().replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "interrupted" and "Traceback" not in err.read_text(), lines[-10:]
+    deadline = time.time() + 10
+    while group_alive(proc.pid):  # the workers, and multiprocessing's helper, go with it
+        assert time.time() < deadline, subprocess.run(["ps", "-g", str(proc.pid), "-o", "pid,args"],
+                                                      capture_output=True, text=True).stdout
+        time.sleep(0.1)
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def test_normalized_score_reference_points():

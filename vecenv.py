@@ -11,6 +11,7 @@ gathers what comes back. Episode i is still reset with seed + i, so the episodes
 one process would run (test_sharded_envs_step_exactly_as_one_process).
 """
 import multiprocessing
+import signal
 import sys
 
 import numpy as np
@@ -62,13 +63,19 @@ class ShardedVectorEnv:
         # spawn, not fork: a forked child would inherit torch's thread pools mid-use.
         context = multiprocessing.get_context("spawn")
         self.pipes, self.processes = [], []
-        for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
-            ours, theirs = context.Pipe()
-            process = context.Process(target=work, args=(theirs, env_id, hi - lo), daemon=True)
-            process.start()
-            theirs.close()
-            self.pipes.append(ours)
-            self.processes.append(process)
+        # The workers start with Ctrl-C ignored (a disposition a new process inherits): it is this
+        # process's to handle, and when it exits the workers go with it, without a traceback each.
+        ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
+                ours, theirs = context.Pipe()
+                process = context.Process(target=work, args=(theirs, env_id, hi - lo), daemon=True)
+                process.start()
+                theirs.close()
+                self.pipes.append(ours)
+                self.processes.append(process)
+        finally:
+            signal.signal(signal.SIGINT, ctrl_c)
         self.spec, self.single_observation_space, self.single_action_space = self._gather()[0]
 
     def reset(self, seed):
@@ -121,14 +128,18 @@ def work(pipe, env_id, num_envs):
     except gym.error.Error as e:
         pipe.send(("error", f"cannot make environment {env_id!r}: {e}"))
         return
-    pipe.send(("ok", (envs.spec, envs.single_observation_space, envs.single_action_space)))
-    while True:
-        command, arg = pipe.recv()
-        if command == "reset":
-            pipe.send(("ok", envs.reset(seed=arg)[0]))
-        elif command == "step":
-            obs, reward, terminated, truncated, _ = envs.step(arg)
-            pipe.send(("ok", (obs, reward, terminated, truncated)))
-        else:
-            envs.close()
-            return
+    try:
+        pipe.send(("ok", (envs.spec, envs.single_observation_space, envs.single_action_space)))
+        while True:
+            command, arg = pipe.recv()
+            if command == "reset":
+                pipe.send(("ok", envs.reset(seed=arg)[0]))
+            elif command == "step":
+                obs, reward, terminated, truncated, _ = envs.step(arg)
+                pipe.send(("ok", (obs, reward, terminated, truncated)))
+            else:
+                return
+    except (EOFError, ConnectionError):
+        return  # the parent has gone (Ctrl-C, an error) without saying close: nobody to answer
+    finally:
+        envs.close()
