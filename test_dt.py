@@ -690,9 +690,10 @@ def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
         return real_step(*args)
 
     monkeypatch.setattr(train, "sample_and_step", step_then_ctrl_c)
+    ctrl_c = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
     train.main(run + ["--out", str(split)])
     assert torch.load(split, weights_only=True)["step"] == 6
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is ctrl_c  # handler restored
     monkeypatch.undo()
     train.main(["--resume", str(split)])
 
