@@ -667,6 +667,14 @@ def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, cap
                     *TINY, "--out", str(out)] + (["--target", target] if target else []))
         assert shown in capsys.readouterr().out
 
+def test_compile_without_a_cpp_compiler_is_one_line_not_a_deep_inductor_error(tmp_path, monkeypatch):
+    data = write_d4rl(tmp_path / "halfcheetah-cc.hdf5", [50] * 4)
+    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    with pytest.raises(RunError, match=r"--compile on a CPU needs a C\+\+ compiler"):
+        train.main(["--data", str(data), "--max-steps", "2", *TINY, "--compile", "--out", str(tmp_path / "c.pt")])
+    assert not (tmp_path / "c.pt").exists()
+
+
 @pytest.mark.parametrize("model", ["dt", "iql", pytest.param("dt-compiled", marks=needs_compiler),
                                    pytest.param("iql-compiled", marks=needs_compiler)])
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):

@@ -15,6 +15,8 @@ checkpoint and exits.
 import argparse
 import csv
 import math
+import os
+import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -141,8 +143,13 @@ def use_bf16(args, device):
 
 def compiles(args, device):
     """--compile, or by default: on CUDA, where the step is launch-bound; off on a CPU, where
-    it measured slower (README, Speed)."""
-    return args.compile if args.compile is not None else device.startswith("cuda")
+    it measured slower for the DT (README, Speed). On a CPU torch.compile builds its kernels
+    with a C++ compiler: without one it would fail deep inside its first step."""
+    wanted = args.compile if args.compile is not None else device.startswith("cuda")
+    if wanted and not device.startswith("cuda") and not shutil.which(os.environ.get("CXX", "g++")):
+        raise RunError("--compile on a CPU needs a C++ compiler (g++, or the one $CXX names) to build "
+                       "its kernels: install one, or leave out --compile")
+    return wanted
 
 
 def setup_training(cfg, args, device):
