@@ -79,7 +79,7 @@ class ShardedVectorEnv:
         self.spec, self.single_observation_space, self.single_action_space = self._gather()[0]
 
     def reset(self, seed):
-        for pipe, lo in zip(self.pipes, self.bounds):
+        for pipe, lo in zip(self.pipes, self.bounds[:-1]):
             pipe.send(("reset", seed + int(lo)))  # each worker seeds its first episode with seed + lo
         obs = self._gather()
         return np.concatenate(obs), {}
