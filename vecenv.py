@@ -22,12 +22,12 @@ from checkpoint import RunError
 def make_envs(env_id, num_envs, recorder=None, workers=1):
     """`num_envs` copies of `env_id`, stepped together. A video.Recorder films env 0, which must
     then live in this process."""
-    import gymnasium as gym
-
     if workers > 1:
         if recorder:
             raise RunError("a video is recorded in this process: leave out the environment workers")
         return ShardedVectorEnv(env_id, num_envs, workers)
+    import gymnasium as gym
+
     quiet_mujoco()
     # Rendering is set up in every env but costs nothing until render() is called (on env 0 only).
     try:
@@ -94,8 +94,8 @@ class ShardedVectorEnv:
         for pipe in self.pipes:
             try:
                 pipe.send(("close", None))
-            except (BrokenPipeError, OSError):
-                pass  # that worker has already gone
+            except OSError:
+                pass  # that worker has already gone (a broken pipe)
         for process in self.processes:
             process.join(timeout=10)
             if process.is_alive():
@@ -120,13 +120,10 @@ class ShardedVectorEnv:
 def work(pipe, env_id, num_envs):
     """A worker process: make its share of the environments, then answer the parent's requests
     until told to close."""
-    import gymnasium as gym
-
-    quiet_mujoco()
     try:
-        envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync")
-    except gym.error.Error as e:
-        pipe.send(("error", f"cannot make environment {env_id!r}: {e}"))
+        envs = make_envs(env_id, num_envs)
+    except RunError as e:
+        pipe.send(("error", str(e)))
         return
     try:
         pipe.send(("ok", (envs.spec, envs.single_observation_space, envs.single_action_space)))
