@@ -87,11 +87,19 @@ def iql_loss(model, batch, args):
     td_target = r + args.discount * (1.0 - terminal) * v_next
     q1, q2 = model.q(s, a)
     q_loss = ((q1 - td_target) ** 2 + (q2 - td_target) ** 2).mean() / 2
-    # Actor: clone the data's actions, weighted by exp(beta * advantage), capped so that one lucky
-    # transition cannot dominate a batch.
-    weight = torch.exp(args.temperature * advantage.detach()).clamp(max=100.0)
+    # Actor: clone the data's actions, each weighted by how much better than V it did.
+    weight = actor_weights(advantage.detach(), args.temperature)
     actor_loss = -(weight * model.log_prob(s, a)).mean()
     return value_loss + q_loss + actor_loss
+
+
+WEIGHT_CAP = 100.0
+
+
+def actor_weights(advantage, temperature):
+    """How much the actor clones each data action: exp(temperature * (Q - V)), capped at WEIGHT_CAP
+    so that one transition whose advantage the critics over-estimate cannot dominate a batch."""
+    return torch.exp(temperature * advantage).clamp(max=WEIGHT_CAP)
 
 
 class Objective(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import iql
 from checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_bounds, episode_ends, episode_totals
 from datafiles import DataError, read_file
@@ -106,26 +107,49 @@ def plot_sweep(results, path, title):
     plt.close(fig)
 
 
-def episode_values(ckpt_path, data_path):
-    """An IQL checkpoint's V(s_t) along every episode of a data file: (list of (T_i,) arrays, the
-    episodes' true returns). States are normalized with the checkpoint's own statistics."""
-    model, norm, _ = load_checkpoint(ckpt_path)
+def critique(ckpt_path, data_path):
+    """What an IQL checkpoint's critics make of a data file, episode by episode: V(s_t) along each
+    episode, the actor's weight exp(beta (Q - V)) on each of its steps (iql.actor_weights), and
+    the episodes' true returns: (list of (T_i,) arrays, list of (T_i,) arrays, (N,) array). States
+    are normalized with the checkpoint's own statistics."""
+    model, norm, saved = load_checkpoint(ckpt_path)
     if model.cfg.kind != "iql":
         raise RunError(f"{ckpt_path}: a {model.cfg.kind} checkpoint has no value function; --values needs IQL's")
     arrays, _ = read_file(data_path)
     ends = episode_ends(arrays["terminals"], arrays["timeouts"])
+    states = norm.states(torch.from_numpy(arrays["observations"].astype(np.float32)))
+    actions = torch.from_numpy(arrays["actions"].astype(np.float32))
     with torch.no_grad():
-        v = model.value(norm.states(torch.from_numpy(arrays["observations"].astype(np.float32)))).numpy()
+        v = model.value(states)
+        advantage = torch.min(*model.q(states, actions, target=True)) - v  # as iql_loss takes it
+        weights = iql.actor_weights(advantage, saved["train_args"]["temperature"])
     first, last = episode_bounds(ends)
-    return [v[a:b + 1] for a, b in zip(first, last)], episode_totals(arrays["rewards"], ends)
+    split = lambda x: [x.numpy()[a:b + 1] for a, b in zip(first, last)]
+    return split(v), split(weights), episode_totals(arrays["rewards"], ends)
 
 
 def ranking(values, returns):
     """How often V ranks the better of two episodes higher, averaged over each episode's states:
-    the fraction of all pairs of episodes (1: always, 0.5: a coin)."""
+    the fraction of all pairs of episodes (1: always, 0.5: a coin; NaN if no two returns differ)."""
     mean_v = np.array([v.mean() for v in values])
     better = returns[:, None] > returns[None, :]
-    return float(((mean_v[:, None] > mean_v[None, :]) & better).sum() / better.sum())
+    return float(((mean_v[:, None] > mean_v[None, :]) & better).sum() / better.sum()) if better.any() else math.nan
+
+
+def summary(name, values, weights, returns):
+    """The numbers behind the V(s_t) figure: does V rank the episodes, and whose actions does the
+    actor clone? The halves are the episodes above and below the median return."""
+    order = np.argsort(returns, kind="stable")
+    half = len(order) // 2
+    mean_v = np.array([v.mean() for v in values])
+    lines = [f"{name}: V ranks {ranking(values, returns):.1%} of episode pairs right; mean V of the best "
+             f"episode {mean_v[order[-1]]:.1f}, the median {mean_v[order[half]]:.1f}, the worst {mean_v[order[0]]:.1f}"]
+    for label, idx in (("better", order[half:]), ("worse", order[:half])):
+        w = np.concatenate([weights[i] for i in idx])
+        lines.append(f"  {label} half: V ranks {ranking([values[i] for i in idx], returns[idx]):.1%} of its pairs "
+                     f"right, mean V {mean_v[idx].mean():.1f}; actor's weight on its steps: mean {w.mean():.2f}, "
+                     f"{np.mean(w >= iql.WEIGHT_CAP):.1%} at the cap of {iql.WEIGHT_CAP:.0f}")
+    return "\n".join(lines)
 
 
 def plot_values(checkpoints, data_path, path):
@@ -133,7 +157,8 @@ def plot_values(checkpoints, data_path, path):
     plt = pyplot()
     fig, axes = plt.subplots(1, len(checkpoints), figsize=(5 * len(checkpoints), 3.6), dpi=120, squeeze=False)
     for ax, ckpt in zip(axes[0], checkpoints):
-        values, returns = episode_values(ckpt, data_path)
+        values, weights, returns = critique(ckpt, data_path)
+        print(summary(Path(ckpt).name, values, weights, returns))
         order = np.argsort(returns)
         for i, label in ((order[-1], "best"), (order[len(order) // 2], "median"), (order[0], "worst")):
             ax.plot(values[i], label=f"{label} episode (return {returns[i]:,.0f})")

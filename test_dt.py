@@ -876,6 +876,21 @@ def test_value_ranking_counts_the_pairs_of_episodes_in_the_right_order():
     values = [np.array([1.0, 1.0]), np.array([3.0]), np.array([2.0, 2.0, 2.0])]
     # returns rank the episodes 1 > 0 > 2; V's means rank them 1 > 2 > 0: pairs (1,0) and (1,2) right
     assert plot.ranking(values, np.array([5.0, 9.0, 1.0])) == pytest.approx(2 / 3)
+    assert np.isnan(plot.ranking(values, np.array([5.0, 5.0, 5.0])))  # no better episode to rank
+
+
+def test_value_summary_says_how_v_ranks_each_half_and_whose_actions_the_actor_weighs():
+    values = [np.array([1.0, 1.0]), np.array([3.0]), np.array([2.0, 2.0, 2.0]), np.array([4.0])]
+    weights = [np.array([2.0, 100.0]), np.array([100.0]), np.array([1.0, 1.0, 1.0]), np.array([1.0])]
+    # By return the episodes go 2 < 0 < 1 < 3: the better half is {1, 3}, the worse {2, 0}. V's
+    # means (1, 3, 2, 4) get 5 of the 6 pairs right, both of the better half's, neither of the worse's.
+    text = plot.summary("ckpt.pt", values, weights, np.array([5.0, 9.0, 1.0, 10.0]))
+    assert text.splitlines() == [
+        "ckpt.pt: V ranks 83.3% of episode pairs right; mean V of the best episode 4.0, the median 3.0, the worst 2.0",
+        "  better half: V ranks 100.0% of its pairs right, mean V 3.5; actor's weight on its steps: mean 50.50, "
+        "50.0% at the cap of 100",
+        "  worse half: V ranks 0.0% of its pairs right, mean V 1.5; actor's weight on its steps: mean 21.00, "
+        "20.0% at the cap of 100"]
 
 
 # --- checkpoint.py: devices, output files, checkpoints ----------------------------------------
