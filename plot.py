@@ -124,8 +124,10 @@ def critique(ckpt_path, data_path):
         advantage = torch.min(*model.q(states, actions, target=True)) - v  # as iql_loss takes it
         weights = iql.actor_weights(advantage, saved["train_args"]["temperature"])
     first, last = episode_bounds(ends)
-    split = lambda x: [x.numpy()[a:b + 1] for a, b in zip(first, last)]
-    return split(v), split(weights), episode_totals(arrays["rewards"], ends)
+
+    def by_episode(x):
+        return [x.numpy()[a:b + 1] for a, b in zip(first, last)]
+    return by_episode(v), by_episode(weights), episode_totals(arrays["rewards"], ends)
 
 
 def ranking(values, returns):

@@ -110,7 +110,6 @@ def assert_one_line_error(proc, *words):
     assert last.startswith("error: ") and all(w in last for w in words), proc.stderr
 
 
-
 def assert_usage_error(proc, *words):
     """argparse's way: the usage line, then one line `PROG: error: ...`, exit status 2."""
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
@@ -139,8 +138,6 @@ def trained(tmp_path_factory):
                 "--n-layer", "1", "--n-embd", "32", "--lr", "3e-3", "--log-every", "10",
                 "--out", str(out)])
     return out
-
-
 
 
 # --- model.py: the DT's specification first ---------------------------------------------------
@@ -208,8 +205,6 @@ def test_weight_decay_only_on_matrices():
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
-
-
 
 
 # --- data.py ----------------------------------------------------------------------------------
@@ -317,8 +312,6 @@ def test_windows_hold_the_right_rows_and_pad_only_before_the_episode_start(datas
         assert (row_s[:K - n] == 0).all()
         start = int(torch.nonzero((data.timesteps == t[-1]) & (data.states == row_s[-1]).all(1))[0])
         torch.testing.assert_close(row_s[K - n:], data.states[start - n + 1:start + 1])
-
-
 
 
 # --- datafiles.py: reading and checking files -------------------------------------------------
@@ -556,8 +549,6 @@ def test_hugging_face_data_names_what_it_needs(monkeypatch):
         download.locate("hf:hopper-random-v2")
 
 
-
-
 # --- train.py ---------------------------------------------------------------------------------
 
 def test_lr_schedule_warms_up_then_decays():
@@ -636,7 +627,6 @@ def test_hopper_and_walker_train_and_evaluate_with_early_terminations(tmp_path, 
     result = json.loads(capsys.readouterr().out)
     assert result["env"] == env_id and result["target"] == rollout.DEFAULT_TARGETS[env_id.split("-")[0]]
     assert len(result["returns"]) == 3
-
 
 
 @needs_compiler
@@ -768,7 +758,6 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     assert ckpt["step"] == 5 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
-
 def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
     data = str(write_d4rl(tmp_path / "halfcheetah-a.hdf5", [30, 30]))
     for flags, words in [(["--epochs", "-1"], "--epochs must be above 0"), (["--epochs", "0"], "--epochs"),
@@ -789,7 +778,6 @@ def test_a_run_reports_its_budget_precision_and_full_progress(tmp_path):
     precision = "bf16 autocast" if train.use_bf16(train.parse_args([]), "cpu") else "fp32"
     assert f"device cpu, {precision}" in proc.stdout
     assert "7/7" in proc.stderr  # the progress bar counts the last step too
-
 
 
 # --- iql.py: the value-based baseline -------------------------------------------------------------
@@ -910,7 +898,6 @@ def test_checkpoint_round_trip(trained):
     assert not list(trained.parent.glob(".*partial*"))  # the atomic write left nothing behind
 
 
-
 def test_an_output_folder_is_made_and_an_unwritable_one_is_refused_before_training(tmp_path, capsys):
     data = str(write_d4rl(tmp_path / "halfcheetah-o.hdf5", [50] * 4))
     out = tmp_path / "runs" / "exp1" / "ckpt.pt"
@@ -999,14 +986,12 @@ def test_checkpoints_for_another_env_size_or_format_are_refused_in_one_line(tmp_
                           "observations of size 17", "trained for 11")
 
 
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_asking_for_cuda_without_it_is_one_line_before_any_work(tmp_path, trained):
     missing = tmp_path / "not-loaded.hdf5"  # never read: the device is checked first
     assert_one_line_error(run_cli("train.py", "--device", "cuda", "--data", str(missing)), "--device cuda",
                           "--device cpu")
     assert_one_line_error(run_cli("evaluate.py", str(trained), "--device", "cuda"), "--device cuda")
-
 
 
 # --- evaluate.py and rollout.py ---------------------------------------------------------------
@@ -1178,8 +1163,6 @@ def test_cli_errors_are_one_line(tmp_path, trained):
     assert proc.returncode == 0 and "(1 episode)" in proc.stdout, proc.stderr
 
 
-
-
 # --- video.py and plot.py ---------------------------------------------------------------------
 
 def test_video_renders_the_first_episode_without_changing_its_return(trained, tmp_path, capsys, monkeypatch):
@@ -1248,8 +1231,6 @@ def test_plot_without_matplotlib_says_how_to_get_it(trained, tmp_path, capsys, m
     assert exit_.value.code == 2 and "pip install matplotlib" in capsys.readouterr().err
 
 
-
-
 # --- distributed.py, bench.py and experiment.py ------------------------------------------------
 
 @pytest.mark.parametrize("model", ["dt", "iql"])
@@ -1290,8 +1271,6 @@ def test_bench_runs_and_reports_every_figure(capsys):
     flops = result["eval_forward_gflop_by_episodes"]
     assert flops[2] == pytest.approx(2 * flops[1], rel=1e-6)
     assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
-
-
 
 
 @needs_compiler
