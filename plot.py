@@ -19,7 +19,7 @@ from checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_bounds, episode_ends, episode_totals
 from datafiles import DataError, read_file
 
-LOG_COLUMNS = ("step", "loss", "lr", "eval_score")  # the columns of train.py's log drawn here
+LOG_COLUMNS = ("step", "loss", "lr", "elapsed_s", "eval_score")  # the columns of train.py's log read here
 
 
 def require_matplotlib(parser, flag):

@@ -1303,6 +1303,12 @@ def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys
     assert "| dt | dense | not run yet | 85.0 ± 5.0 (90.0, 80.0) | not run yet |" in capsys.readouterr().out
     with open(tmp_path / "medium-expert.csv") as f:
         assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
+    if importlib.util.find_spec("matplotlib"):  # the learning curves, from the runs' training logs
+        (tmp_path / "runs" / "hopper-dt-dense-s0.csv").write_text(
+            "step,loss,lr,elapsed_s,eval_return,eval_score\n100,0.5,1e-4,10.0,,\n200,0.4,1e-4,20.0,3000.0,90.0\n")
+        experiment.main(["--curves", str(tmp_path / "curves.png")])
+        assert capsys.readouterr().out.strip() == f"experiment: {tmp_path / 'curves.png'}"
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_an_experiment_run_stopped_part_way_is_not_scored(tmp_path, monkeypatch):
