@@ -50,6 +50,14 @@ class IQL(nn.Module):
     def value(self, states):
         return self.v(states).squeeze(-1)
 
+    def advantage(self, states, actions, v):
+        """Q - V of the data's actions, (B,): how much better each did than V(s) = v expects. Q is
+        the smaller of the two target networks' and carries no gradient; v's passes through, for
+        V's own loss."""
+        with torch.no_grad():
+            q = torch.min(*self.q(states, actions, target=True))
+        return q - v
+
     def forward(self, states):
         """The policy's action for (B, S) states: the Gaussian's mean, squashed into [-1, 1]."""
         return torch.tanh(self.actor(states))
@@ -78,10 +86,9 @@ def iql_loss(model, batch, args):
     batch: states (B,S), actions (B,A), rewards (B,), next states (B,S), terminals (B,)."""
     s, a, r, s_next, terminal = batch
     with torch.no_grad():
-        q_target = torch.min(*model.q(s, a, target=True))
         v_next = model.value(s_next)
     v = model.value(s)
-    advantage = q_target - v  # (B,): how much better the data's action is than V expects
+    advantage = model.advantage(s, a, v)
     value_loss = expectile_loss(advantage, args.expectile)
     # Q: one Bellman backup, r + gamma V(s'), with no bootstrap past a true termination.
     td_target = r + args.discount * (1.0 - terminal) * v_next

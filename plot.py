@@ -121,8 +121,7 @@ def critique(ckpt_path, data_path):
     actions = torch.from_numpy(arrays["actions"].astype(np.float32))
     with torch.no_grad():
         v = model.value(states)
-        advantage = torch.min(*model.q(states, actions, target=True)) - v  # as iql_loss takes it
-        weights = iql.actor_weights(advantage, saved["train_args"]["temperature"])
+        weights = iql.actor_weights(model.advantage(states, actions, v), saved["train_args"]["temperature"])
     first, last = episode_bounds(ends)
 
     def by_episode(x):
@@ -161,7 +160,7 @@ def plot_values(checkpoints, data_path, path):
     for ax, ckpt in zip(axes[0], checkpoints):
         values, weights, returns = critique(ckpt, data_path)
         print(summary(Path(ckpt).name, values, weights, returns))
-        order = np.argsort(returns)
+        order = np.argsort(returns, kind="stable")  # as summary() orders them: the same median episode
         for i, label in ((order[-1], "best"), (order[len(order) // 2], "median"), (order[0], "worst")):
             ax.plot(values[i], label=f"{label} episode (return {returns[i]:,.0f})")
         ax.set(title=f"{Path(ckpt).name}\nV ranks {ranking(values, returns):.0%} of episode pairs right",
