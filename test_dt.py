@@ -649,6 +649,13 @@ def test_a_compiled_forward_gives_the_eager_loss_and_gradients(tmp_path):
         torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-6)
 
 
+def test_one_gpu_compiles_to_cuda_graphs_but_torchrun_and_the_cpu_do_not(monkeypatch):
+    assert train.compile_mode("cpu") is None  # no graphs to replay on a CPU
+    assert train.compile_mode("cuda") == "reduce-overhead"
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    assert train.compile_mode("cuda:1") is None  # DDP's gradient hooks: the default mode
+
+
 def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, capsys):
     data = write_d4rl(tmp_path / "halfcheetah-t.hdf5", [50] * 4)
     for target, shown in (("0", "at target 0"), (None, "at target 12000")):
