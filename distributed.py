@@ -16,14 +16,14 @@ def init(device):
     GPU; alone, (0, 1, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
-    if device != "cuda":
+    if device == "cuda":
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+        # Naming the GPU binds NCCL's communicator to it now; otherwise NCCL guesses it from the
+        # rank and warns that a guess can hang when ranks and GPUs do not line up one to one.
+        dist.init_process_group("nccl", device_id=torch.device(device))
+    else:
         dist.init_process_group("gloo")
-        return dist.get_rank(), dist.get_world_size(), device
-    device = f"cuda:{os.environ['LOCAL_RANK']}"
-    torch.cuda.set_device(device)
-    # Naming the GPU binds NCCL's communicator to it now; otherwise NCCL guesses it from the rank
-    # and warns that a guess can hang when ranks and GPUs do not line up one to one.
-    dist.init_process_group("nccl", device_id=torch.device(device))
     return dist.get_rank(), dist.get_world_size(), device
 
 
