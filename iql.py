@@ -100,6 +100,13 @@ def iql_loss(model, batch, args):
     return value_loss + q_loss + actor_loss
 
 
+def expectile_loss(diff, expectile):
+    """V's loss: expectile regression on diff = Q - V, |expectile - 1(diff < 0)| * diff^2. An
+    expectile above one half weighs Q > V more than Q < V, so V follows the better actions the
+    data holds (0.5 would be the mean), without ever evaluating an action the data lacks."""
+    return ((expectile - (diff < 0).float()).abs() * diff ** 2).mean()
+
+
 WEIGHT_CAP = 100.0
 
 
@@ -121,13 +128,6 @@ class Objective(nn.Module):
 
     def forward(self, states, actions, rewards, next_states, terminals):
         return iql_loss(self.model, (states, actions, rewards, next_states, terminals), self.args)
-
-
-def expectile_loss(diff, expectile):
-    """V's loss: expectile regression on diff = Q - V, |expectile - 1(diff < 0)| * diff^2. An
-    expectile above one half weighs Q > V more than Q < V, so V follows the better actions the
-    data holds (0.5 would be the mean), without ever evaluating an action the data lacks."""
-    return ((expectile - (diff < 0).float()).abs() * diff ** 2).mean()
 
 
 def actor_lr(step, total_steps, max_lr):
