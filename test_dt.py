@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from data import delay_rewards, episode_ends, load_trajectories, returns_to_go, 
 from datafiles import MINARI_KEYS, REQUIRED_KEYS, DataError
 from model import BehaviourCloning, DecisionTransformer, DTConfig, configure_optimizer, padded_causal_mask
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parent
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
 TINY = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
 needs_compiler = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
@@ -99,8 +100,13 @@ def random_window(B, K, seed=0):
             torch.randn(B, K, 1, generator=g), torch.randint(0, 1000, (B, K), generator=g))
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, *args], cwd=HERE, capture_output=True, text=True, timeout=120)
+def run_cli(script, *args):
+    """Run one of the project's scripts as a user would, from an empty working directory, so that a
+    ckpt.pt or data/ folder a user has in the repository cannot change its outcome (train.py's
+    default --out is ./ckpt.pt) and a test writes nothing there."""
+    with tempfile.TemporaryDirectory() as cwd:
+        return subprocess.run([sys.executable, str(HERE / script), *args], cwd=cwd, capture_output=True,
+                              text=True, timeout=120)
 
 
 def assert_one_line_error(proc, *words):
