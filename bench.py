@@ -41,10 +41,11 @@ import train
 from checkpoint import RunError, resolve_device
 from data import load_trajectories, sample_batch
 from datafiles import DataError
-from rollout import DEFAULT_TARGETS, rollout
+from rollout import rollout
+from tasks import locomotion_task
 from vecenv import make_envs
 
-ENV_ID = "HalfCheetah-v5"
+TASK = locomotion_task("HalfCheetah-v5")
 # The modes --check compiles unless told otherwise. max-autotune-no-cudagraphs is offered too, but
 # on an H200 its autotuning of every small matmul was still going after four minutes.
 CHECK_MODES = ("default", "reduce-overhead")
@@ -114,13 +115,13 @@ def sync(device):
 
 def bench_training(data, targs, device, steps, warmup):
     cfg = train.model_config(targs, data)
-    model, train_model, optimizer, amp = train.setup_training(cfg, targs, device)
+    model, objective, optimizer = train.setup_training(cfg, targs, device)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def run(n):
         for _ in range(n):
             batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
-            train.train_step(model, train_model, optimizer, amp, batch, targs.lr, targs)
+            train.train_step(model, objective, optimizer, batch, targs.lr, targs)
         sync(device)
 
     t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def bench_training(data, targs, device, steps, warmup):
         sample_batch(data, targs.batch_size, targs.context_len, gen)
     sync(device)
     sampler_s = (time.perf_counter() - t0) / (steps * 10)
-    return model, train_model, optimizer, amp, warmup_s, step_s, sampler_s
+    return model, objective, optimizer, warmup_s, step_s, sampler_s
 
 
 def matmul_peak_gflops(device, dtype, n=1024, reps=20):
@@ -160,9 +161,9 @@ def counted_flops(fn):
     return counter.get_total_flops()
 
 
-def train_step_flops(model, train_model, optimizer, amp, data, targs):
+def train_step_flops(model, objective, optimizer, data, targs):
     batch = sample_batch(data, targs.batch_size, targs.context_len, torch.Generator(device=data.states.device))
-    return counted_flops(lambda: train.train_step(model, train_model, optimizer, amp, batch, targs.lr, targs))
+    return counted_flops(lambda: train.train_step(model, objective, optimizer, batch, targs.lr, targs))
 
 
 def eval_forward_flops(model, episodes, device):
@@ -178,7 +179,7 @@ def env_steps_per_s(model, data, episodes, compile, workers, runs=1):
     HalfCheetah never ends an episode early, so each one is exactly 1000 steps. A compiled policy
     is compiled (and its CUDA graphs recorded) in one rollout first, not timed."""
     def run(seed):
-        rollout(model, data.norm, ENV_ID, DEFAULT_TARGETS["HalfCheetah"], episodes, seed=seed, progress=False,
+        rollout(model, data.norm, TASK, TASK.default_target, episodes, seed=seed, progress=False,
                 compile=compile, env_workers=workers)
     if compile:
         run(seed=runs)
@@ -191,7 +192,7 @@ def env_steps_per_s(model, data, episodes, compile, workers, runs=1):
 def env_only_steps_per_s(episodes, workers, steps=200):
     """The vector env alone, stepped with zero actions by `workers` processes: how fast evaluation
     could go if the policy cost nothing."""
-    envs = make_envs(ENV_ID, episodes, workers=workers)
+    envs = make_envs(TASK, episodes, workers=workers)
     envs.reset(seed=0)
     zeros = np.zeros((episodes, *envs.single_action_space.shape), np.float32)
     t0 = time.perf_counter()
@@ -215,8 +216,9 @@ def check(args, data, device):
               "bf16": train.use_bf16(targs, device), "steps": args.steps}
     for mode in ("eager", *args.compile_modes):
         torch.manual_seed(0)
-        model, _, optimizer, amp = train.setup_training(cfg, targs, device)
-        step_model = model if mode == "eager" else torch.compile(model, mode=None if mode == "default" else mode)
+        model, objective, optimizer = train.setup_training(cfg, targs, device)
+        if mode != "eager":
+            objective = torch.compile(objective, mode=None if mode == "default" else mode)
         gen, losses = torch.Generator(device=device).manual_seed(0), []
         t0 = time.perf_counter()
         for i in range(args.warmup + args.steps):
@@ -224,7 +226,7 @@ def check(args, data, device):
                 sync(device)
                 t1 = time.perf_counter()
             batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
-            losses.append(train.train_step(model, step_model, optimizer, amp, batch, targs.lr, targs))
+            losses.append(train.train_step(model, objective, optimizer, batch, targs.lr, targs))
         sync(device)
         tail = torch.stack(losses[-max(1, args.steps // 5):]).mean().item()
         result[mode] = {"warmup_s": t1 - t0, "steps_per_s": args.steps / (time.perf_counter() - t1), "loss": tail}
@@ -260,9 +262,9 @@ def main(argv=None):
         elif not path.exists():
             raise DataError(f"{path}: no such file; download it with python download.py halfcheetah-expert-v2, "
                             f"point --data at a HalfCheetah file, or time random data with --synthetic")
-        data, env_id = load_trajectories(path)
-    if env_id not in (None, ENV_ID) or data.state_dim != 17:
-        raise DataError(f"{path}: bench.py measures HalfCheetah; this is {env_id or 'other'} data")
+        data, task = load_trajectories(path)
+    if task not in (None, TASK) or data.state_dim != 17:
+        raise DataError(f"{path}: bench.py measures HalfCheetah; this is {task.env_id if task else 'other'} data")
     data.to(device)
     if args.check:
         result = check(args, data, device)
@@ -271,13 +273,13 @@ def main(argv=None):
     bf16 = train.use_bf16(targs, device)
     say = (lambda *a: None) if args.json else print
     say(f"bench: {path.name if not args.synthetic else 'synthetic'} ({data.num_steps} steps), "
-        f"{ENV_ID}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "
+        f"{TASK.env_id}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "
         f"K {targs.context_len}, {targs.n_layer} layers x {targs.n_embd}, training in {'bf16' if bf16 else 'fp32'}")
 
-    model, train_model, optimizer, amp, warmup_s, step_s, sampler_s = bench_training(
+    model, objective, optimizer, warmup_s, step_s, sampler_s = bench_training(
         data, targs, device, args.steps, args.warmup)
     peak_mb = peak_memory_mb(device)
-    step_flops = train_step_flops(model, train_model, optimizer, amp, data, targs)
+    step_flops = train_step_flops(model, objective, optimizer, data, targs)
     model.eval()
     compiled = train.compiles(targs, device)
     workers = args.env_workers

@@ -14,15 +14,13 @@ import numpy as np
 import torch
 
 from datafiles import DataError, read_file
+from tasks import ENV_IDS, TaskError, locomotion_task, task_from_attributes
 
-# Which gymnasium environment a dataset belongs to, from its file name (D4RL names start with the
-# body: halfcheetah-expert-v2.hdf5). D4RL's v2 data came from the old mujoco-py v2 envs, which
-# gymnasium no longer ships; v5 has the same bodies, observations and rewards.
-ENV_IDS = {"halfcheetah": "HalfCheetah-v5", "hopper": "Hopper-v5", "walker2d": "Walker2d-v5"}
-
-# The DT paper divides rewards and returns-to-go by 1000 for the MuJoCo bodies so the return
-# input is O(1)-O(10) rather than O(10^4).
+# The DT divides returns-to-go by a scale so that its return input is O(1)-O(10). The DT paper
+# uses 1000 for the MuJoCo bodies, whose returns are thousands. A sparse maze pays 1 per step
+# near its goal: returns of tens in the data and up to a few hundred in the evaluation, so 100.
 REWARD_SCALE = 1000.0
+SPARSE_REWARD_SCALE = 100.0
 
 
 @dataclass
@@ -65,6 +63,8 @@ class Trajectories:
     rewards: torch.Tensor = None      # (N,) float32, dense or delayed, scaled as IQL does
     next_states: torch.Tensor = None  # (N, S) float32, normalized
     terminals: torch.Tensor = None    # (N,) float32, 1 where the episode truly ended: no bootstrap
+    iql_reward_scale: float = None    # the factor on the file's rewards in `rewards`
+    relabelled_goal: list = None      # the (x, y) a Minari maze's rewards were relabelled against
 
     @property
     def num_steps(self):
@@ -143,13 +143,19 @@ def keep_best_episodes(arrays, ends, top_pct):
     return {k: a[rows] for k, a in arrays.items()}, ends[rows]
 
 
-def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE, reward_mode="dense", top_pct=100.0,
-                      transitions=False):
-    """Read a file into Trajectories. `top_pct` < 100 keeps only the best episodes (and takes the
-    state statistics from them); reward_mode "delayed" trains on delay_rewards' returns-to-go (and
-    rewards). Whatever the mode, episode_returns are the true (dense) returns. `transitions` also
-    builds IQL's (r, s', done) for every step (see next_states)."""
-    arrays, env_attr = read_file(path)
+def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0, transitions=False):
+    """Read a file into (Trajectories, tasks.Task or None when the file does not say). `top_pct`
+    < 100 keeps only the best episodes (and takes the state statistics from them); reward_mode
+    "delayed" trains on delay_rewards' returns-to-go (and rewards). Whatever the mode,
+    episode_returns are the true (dense) returns. `transitions` also builds IQL's (r, s', done)
+    for every step (see next_states)."""
+    arrays, attrs = read_file(path)
+    try:
+        task = task_from_attributes(attrs, path) or task_for_name(path)
+    except TaskError as e:
+        raise DataError(str(e)) from None
+    sparse = task is not None and task.sparse
+    reward_scale = SPARSE_REWARD_SCALE if sparse else REWARD_SCALE
     ends = episode_ends(arrays["terminals"], arrays["timeouts"])
     episodes_in_file = int(ends.sum())
     if top_pct < 100:
@@ -177,20 +183,31 @@ def load_trajectories(path, gamma=1.0, reward_scale=REWARD_SCALE, reward_mode="d
         episode_returns=episode_totals(arrays["rewards"], ends),
         episodes_in_file=episodes_in_file,
         norm=Normalization(torch.from_numpy(mean), torch.from_numpy(std), reward_scale, reward_mode),
+        relabelled_goal=attrs.get("relabel_goal"),
     )
     if transitions:
         nxt = arrays.get("next_observations")
-        # IQL's scaling for the MuJoCo bodies: rewards x 1000 / (best - worst episode return), so
-        # that values have the same size whatever the body and the data's spread of returns.
-        spread = max(float(np.ptp(data.episode_returns)), 1.0)
-        data.rewards = torch.from_numpy(np.asarray(rewards, np.float32) * np.float32(1000.0 / spread))
+        data.iql_reward_scale = iql_reward_scale(data.episode_returns, sparse)
+        data.rewards = torch.from_numpy(np.asarray(rewards, np.float32) * np.float32(data.iql_reward_scale))
         if nxt is not None:
             nxt = ((nxt - mean) / std).astype(np.float32)
         data.next_states = torch.from_numpy(next_states(states, end_idx, nxt))
         # A delayed-reward episode is over once its return is paid: its last step is terminal.
         done = ends if reward_mode == "delayed" else arrays["terminals"].astype(bool)
         data.terminals = torch.from_numpy(done.astype(np.float32))
-    return data, env_attr or env_id_for(path)
+    return data, task
+
+
+def iql_reward_scale(episode_returns, sparse):
+    """IQL's factor on the rewards. For the MuJoCo bodies, the IQL paper's 1000 / (best - worst
+    episode return), so that values have the same size whatever the body and the data's spread of
+    returns. A sparse maze's rewards are already 0 or 1 a step, so V is at most 1 / (1 - gamma) =
+    100 for a policy that reaches the goal and stays; the bodies' rule would multiply them by
+    about 16 (the best maze episode earns about 60) for no gain. CORL's IQL trains maze2d on the
+    raw rewards too."""
+    if sparse:
+        return 1.0
+    return 1000.0 / max(float(np.ptp(episode_returns)), 1.0)
 
 
 def next_states(states, last, next_obs=None):
@@ -239,13 +256,13 @@ def sample_transitions(data, batch_size, generator=None):
     return data.states[i], data.actions[i], data.rewards[i], data.next_states[i], data.terminals[i]
 
 
-def env_id_for(path):
-    """Guess the gymnasium env id from a dataset's name: the file's, else one of its two nearest
+def task_for_name(path):
+    """Guess the locomotion task from a dataset's name: the file's, else one of its two nearest
     folders' (halfcheetah-expert-v2/train/0000.parquet), not anything further up the path, which
     names the user's folders rather than the data. None when none starts with a body."""
     path = Path(path)
     for name in (p.name.lower() for p in (path, path.parent, path.parent.parent)):
         for body, env_id in ENV_IDS.items():
             if name.startswith(body):
-                return env_id
+                return locomotion_task(env_id)
     return None

@@ -6,13 +6,16 @@ untrusted input: every way it can be wrong (a missing key, mismatched lengths, a
 type, NaN, a damaged file) ends in one DataError naming the file, the key and the problem, never in
 a traceback from deep inside training. Nothing is ever unpickled.
 
-read_file(path) -> ({key: array} with D4RL's five keys, the env id the data records or None)
+read_file(path) -> ({key: array} with D4RL's five keys, {attribute: value} describing the evaluation:
+"env" (an env id), or a maze's "eval_env_spec", "ref_min_score" and "ref_max_score"; tasks.py reads it)
 """
 import json
 from pathlib import Path
 
 import h5py
 import numpy as np
+
+from tasks import GOAL_RADIUS, maze_goal
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 
@@ -22,7 +25,7 @@ class DataError(Exception):
 
 
 def read_file(path):
-    """Any trajectory file or folder this project reads -> (D4RL's arrays, env id or None)."""
+    """Any trajectory file or folder this project reads -> (D4RL's arrays, its evaluation attributes)."""
     path = Path(path)
     if path.is_dir():
         for minari_file in (path / "data" / "main_data.hdf5", path / "main_data.hdf5"):  # a Minari dataset
@@ -53,22 +56,38 @@ def read_hdf5(path):
         except Exception as e:
             raise DataError(f"{path}: the file is damaged ({one_line(e)})") from None
         if minari:
-            return read_minari(f, path), minari_env_id(f, path)
+            attrs = minari_attributes(f, path)
+            return read_minari(f, path, attrs.get("relabel_goal")), attrs
         arrays = {k: read_key(f, k, path) for k in REQUIRED_KEYS}
         next_obs = read_key(f, "next_observations", path)  # optional: IQL's s' where an episode is cut
-        try:
-            env_attr = f.attrs.get("env")
-        except Exception:  # a damaged attribute only costs us the env name, which --env can give
-            env_attr = None
+        attrs = read_attributes(f)
     missing = [k for k, a in arrays.items() if a is None]
     if missing:
         raise DataError(f"{path}: not a D4RL trajectory file, missing key(s) {', '.join(missing)}")
     if next_obs is not None:
         arrays["next_observations"] = next_obs
     check_arrays(arrays, path)
-    if isinstance(env_attr, bytes):
-        env_attr = env_attr.decode(errors="replace")
-    return arrays, env_attr if isinstance(env_attr, str) else None
+    return arrays, attrs
+
+
+EVALUATION_ATTRIBUTES = ("env", "eval_env_spec", "ref_min_score", "ref_max_score")
+
+
+def read_attributes(f):
+    """The root attributes that describe the evaluation, those that are there and readable: a
+    damaged one is left out, and tasks.py says what is missing."""
+    attrs = {}
+    for name in EVALUATION_ATTRIBUTES:
+        try:
+            value = f.attrs[name]
+        except Exception:
+            continue
+        if isinstance(value, bytes):
+            value = value.decode(errors="replace")
+        if isinstance(value, np.generic):
+            value = value.item()
+        attrs[name] = value
+    return attrs
 
 
 def one_line(error):
@@ -123,21 +142,28 @@ MINARI_KEYS = {"observations": "observations", "actions": "actions", "rewards": 
                "terminals": "terminations", "timeouts": "truncations"}
 
 
-def read_minari(f, path):
+def read_minari(f, path, goal=None):
     """Minari's layout -> D4RL's five flat arrays, and next_observations when every episode has
     them. Each episode_N group holds one more observation than actions (the one after the last
-    step): it is that step's next observation, and no action follows it."""
+    step): it is that step's next observation, and no action follows it. A dict observation (a
+    maze's) gives its "observation" part; with a `goal` (x, y), the rewards are relabelled against
+    it (relabelled_rewards)."""
     names = sorted((k for k in f if k.startswith("episode_")), key=lambda k: (len(k), k))  # numeric order
     episodes = []
     for name in names:
         where = f"{path}: {name}"
-        ep = {ours: read_key(f[name], theirs, where) for ours, theirs in MINARI_KEYS.items()}
-        missing = [MINARI_KEYS[k] for k, a in ep.items() if a is None]
+        keys = dict(MINARI_KEYS)
+        if has_dict_observations(f, name):
+            keys["observations"] = "observations/observation"
+        ep = {ours: read_key(f[name], theirs, where) for ours, theirs in keys.items()}
+        missing = [keys[k] for k, a in ep.items() if a is None]
         if missing:
             raise DataError(f"{where}: missing key(s) {', '.join(missing)}")
         steps = len(ep["actions"]) if ep["actions"].ndim else 0
         if steps == 0:
             raise DataError(f"{where}: the episode has no steps")
+        if goal is not None:
+            ep["rewards"] = relabelled_rewards(read_key(f[name], "observations/achieved_goal", where), steps, goal, where)
         if len(ep["observations"]) not in (steps, steps + 1):
             raise DataError(f"{where}: key 'observations' has {len(ep['observations'])} rows for {steps} actions")
         if len(ep["observations"]) == steps + 1:
@@ -153,18 +179,50 @@ def read_minari(f, path):
     return {k: np.concatenate([ep[k] for ep in episodes]) for k in keys}
 
 
-def minari_env_id(f, path):
+def has_dict_observations(f, episode):
+    try:
+        return isinstance(f[episode].get("observations"), h5py.Group)
+    except Exception:
+        return False
+
+
+def relabelled_rewards(achieved, steps, goal, where):
+    """1 for every step whose next position is within GOAL_RADIUS of `goal`, else 0: the sparse
+    reward of D4RL's maze2d files, against the one evaluation goal instead of the random goals the
+    data's planner pursued (which Minari's rewards are for). `achieved`: the positions before and
+    after each step, (steps + 1, 2)."""
+    if achieved is None or achieved.shape != (steps + 1, 2):
+        raise DataError(f"{where}: key 'observations/achieved_goal' must hold the {steps + 1} positions "
+                        f"of its {steps} steps to relabel the rewards against the evaluation goal")
+    return (np.linalg.norm(achieved[1:] - np.asarray(goal), axis=1) <= GOAL_RADIUS).astype(np.float32)
+
+
+def minari_attributes(f, path):
     """The env id a Minari dataset records: in metadata.json beside main_data.hdf5 (Minari 0.5), or
-    in the file's root attribute env_spec (older files); None if neither says (--env can)."""
+    in the file's root attribute env_spec (older files); {} if neither says (--env can). A maze
+    dataset (dict observations, an eval_env_spec whose maze has a goal cell "g", reference scores)
+    is read as D4RL's fixed-goal task: its evaluation, and the goal to relabel the rewards against."""
     try:
         metadata = json.loads(Path(path).with_name("metadata.json").read_text())
-        return json.loads(metadata["env_spec"])["id"]
+        attrs = {"env": json.loads(metadata["env_spec"])["id"]}
     except Exception:  # no metadata.json, or not Minari's: the attribute may still say
-        pass
+        metadata, attrs = None, None
+    if attrs:
+        try:
+            spec = json.loads(metadata["eval_env_spec"])
+            goal = maze_goal(spec["kwargs"])
+            ref = {k: float(metadata[k]) for k in ("ref_min_score", "ref_max_score")}
+        except Exception:  # not a maze with a fixed goal: the env id is all it says
+            return attrs
+        if goal is not None and has_dict_observations(f, "episode_0"):
+            attrs.update(ref, relabel_goal=goal, eval_env_spec=json.dumps(
+                {"id": spec["id"], "kwargs": spec["kwargs"], "max_episode_steps": spec.get("max_episode_steps"),
+                 "observation_key": "observation"}))
+        return attrs
     try:
-        return json.loads(f.attrs["env_spec"])["id"]
+        return {"env": json.loads(f.attrs["env_spec"])["id"]}
     except Exception:
-        return None
+        return {}
 
 
 PARQUET_COLUMNS = ("observations", "actions", "rewards", "dones")
@@ -201,7 +259,7 @@ def read_parquet(path):
     arrays = {"observations": columns["observations"][0], "actions": columns["actions"][0],
               "rewards": columns["rewards"][0], "terminals": dones, "timeouts": timeouts}
     check_arrays(arrays, path)
-    return arrays, None
+    return arrays, {}
 
 
 def parquet_steps(column, name, path):

@@ -3,6 +3,7 @@ Data-parallel training under torchrun: each process trains one replica on its ow
 DistributedDataParallel averages the gradients (NCCL between GPUs, gloo between CPU processes).
 Run alone, every function here is a no-op, so train.py reads the same either way.
 """
+import gc
 import os
 from contextlib import contextmanager
 
@@ -58,4 +59,9 @@ def finish(leave_together):
     if dist.is_initialized():
         if leave_together:
             dist.barrier()
+        # DistributedDataParallel sits in reference cycles, so without a collection its reducer and
+        # its hold on the process group would be freed only while the interpreter shuts down, when
+        # gloo's worker threads can no longer take the GIL: the process then aborts ("terminate
+        # called without an active exception", SIGABRT) after a run that went well.
+        gc.collect()
         dist.destroy_process_group()

@@ -6,6 +6,7 @@ Roll a trained Decision Transformer out in its MuJoCo environment, asking it for
     python evaluate.py ckpt.pt --target 0 4000 8000 12000 --plot sweep.png
     python evaluate.py ckpt.pt --target 12000 --video cheetah.mp4
     python evaluate.py ckpt.pt --episodes 1000 --env-workers 8 --device cuda
+    python evaluate.py maze.pt --episodes 20        # a maze, in the evaluation its data file named
 
 At every step of an episode the model sees the last K (return-to-go, state, action) steps and
 picks the next action. The return-to-go starts at the target and counts down by each reward
@@ -17,8 +18,11 @@ import json
 import sys
 from pathlib import Path
 
+from dataclasses import replace
+
 from checkpoint import RunError, load_checkpoint, resolve_device
-from rollout import D4RL_REF_RETURNS, DEFAULT_TARGETS, body, normalized_score, rollout
+from rollout import rollout
+from tasks import task_from_checkpoint
 
 
 def parse_args(argv=None):
@@ -60,12 +64,16 @@ def main(argv=None):
     args = parse_args(argv)
     device = resolve_device(args.device)
     model, norm, ckpt = load_checkpoint(args.checkpoint, device)
-    env_id = args.env or ckpt["env_id"]
-    if body(env_id) != body(ckpt["env_id"]):  # Walker2d and HalfCheetah even share their sizes
-        raise RunError(f"{args.checkpoint}: trained in {ckpt['env_id']}, not {env_id}")
-    if body(env_id) not in D4RL_REF_RETURNS:
-        raise RunError(f"no D4RL reference returns for {env_id!r} (known: {', '.join(D4RL_REF_RETURNS)})")
-    targets = args.target or [DEFAULT_TARGETS[body(env_id)]]
+    task = task_from_checkpoint(ckpt)
+    if args.env:  # another version of the same body: Walker2d and HalfCheetah even share their sizes
+        if args.env.split("-")[0] != task.body:
+            raise RunError(f"{args.checkpoint}: trained in {task.env_id}, not {args.env}")
+        task = replace(task, env_id=args.env)
+    if task.ref_returns is None:
+        raise RunError(f"no reference returns to normalize {task.env_id!r} scores with (D4RL's bodies "
+                       f"and maze files that carry ref_min_score / ref_max_score have them)")
+    targets = args.target or [task.default_target]
+    env_id = task.env_id
     conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone
     if not conditioned and len(targets) > 1:
         print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",
@@ -79,7 +87,7 @@ def main(argv=None):
             from video import Recorder
             recorder = Recorder(args.video_seconds)
         try:
-            returns = rollout(model, norm, env_id, target, args.episodes, args.seed,
+            returns = rollout(model, norm, task, target, args.episodes, args.seed,
                               progress=not args.json, recorder=recorder, env_workers=args.env_workers)
         except RunError as e:  # the env does not fit this checkpoint: name both
             raise RunError(f"{args.checkpoint}: {e}") from None
@@ -87,7 +95,8 @@ def main(argv=None):
             "env": env_id, "model": model.cfg.kind, "target": target, "episodes": args.episodes,
             "returns": [round(float(r), 2) for r in returns],
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
-            "normalized_score": normalized_score(env_id, float(returns.mean())),
+            "normalized_score": task.normalized_score(float(returns.mean())),
+            "ref_returns": list(task.ref_returns),
         }
         results.append(result)
         asked = f"target {target:g}" if conditioned else f"{model.cfg.kind.upper()} (no target)"

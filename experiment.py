@@ -1,6 +1,7 @@
 """
-The comparison in the README: the DT against behaviour cloning, 10% BC and IQL on the three
-medium-expert files, with dense and with delayed rewards, over several training seeds.
+The comparison in the report (results/README.md): the DT against behaviour cloning, 10% BC and IQL,
+over several training seeds, in two studies: the three medium-expert files with dense and with
+delayed rewards ("medium-expert"), and the three sparse-reward mazes that need stitching ("maze2d").
 
     python experiment.py --data-dir data              # run whatever is missing, one run at a time
     python experiment.py --list                       # the plan, and which runs are done
@@ -8,10 +9,11 @@ medium-expert files, with dense and with delayed rewards, over several training 
     python experiment.py --curves curves.png          # every finished run's learning curve
 
 Each run trains with train.py into runs/NAME.pt (an interrupted run is resumed, not restarted),
-then evaluate.py scores its last checkpoint on 10 episodes (reset seeds 0-9) into
-results/runs/NAME.json, and its training log is kept as results/runs/NAME.csv. After every run,
-results/medium-expert.csv is rebuilt with one row per finished run. Stop it at any time (Ctrl-C);
-the same command carries on where it stopped.
+then evaluate.py scores its last checkpoint (a body on 10 episodes, reset seeds 0-9; a maze on 20,
+whose returns vary more) into results/runs/NAME.json, and its training log is kept as
+results/runs/NAME.csv. After every run, results/STUDY.csv is rebuilt with one row per finished
+run. Stop it at any time (Ctrl-C); the same command carries on where it stopped. Two processes
+can share the plan, one core each: --method iql in one, --method dt bc bc10 in the other.
 """
 import argparse
 import csv
@@ -21,16 +23,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
 import plot
+import stats
 from checkpoint import atomic_write
+from tasks import locomotion_task
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
-FILES = {"halfcheetah": "halfcheetah-medium-expert-600ep.hdf5", "hopper": "hopper-medium-expert.hdf5",
-         "walker2d": "walker2d-medium-expert.hdf5"}
+STUDIES = {
+    "medium-expert": {"halfcheetah": "halfcheetah-medium-expert-600ep.hdf5", "hopper": "hopper-medium-expert.hdf5",
+                      "walker2d": "walker2d-medium-expert.hdf5"},
+    "maze2d": {f"maze2d-{m}": f"maze2d-{m}-sparse.hdf5" for m in ("umaze", "medium", "large")},
+}
+FILES = {task: file for files in STUDIES.values() for task, file in files.items()}
+# A maze's DT is scored at several targets (maze_targets): the data's best episode return, twice
+# it, and the evaluation's reference maximum, which no data episode comes near. Its table shows
+# the one chosen from seed 0's sweep; every seed's sweep is in its JSON.
+MAZE_DT_TARGET = "reference maximum"
 # Training budgets, with evaluation points for a learning curve; the DT is scored at the DT paper's
 # targets. The DT, BC and 10% BC take 5-25 minutes of one CPU core. IQL gets the IQL paper's 1M steps
 # (about two hours): at 200,000 steps, with its actor's learning rate decayed over those, its curve
@@ -65,30 +78,56 @@ def plan():
                     runs.append((f"{body}-{method}-{mode}-s{seed}", body, method, mode, seed))
     budget_checks = [(f"halfcheetah-iql-200k-{mode}-s0", "halfcheetah", "iql-200k", mode, 0) for mode in ("dense", "delayed")]
     budget_checks.append(("hopper-dt-120ep-dense-s0", "hopper", "dt-120ep", "dense", 0))
-    return budget_checks + runs
+    # The mazes: their own sparse rewards only (delaying them changes little: most episodes earn
+    # nothing at all), 3 seeds of every method.
+    mazes = [(f"{maze}-{method}-s{seed}", maze, method, "dense", seed)
+             for seed in (0, 1, 2) for maze in STUDIES["maze2d"] for method in ("dt", "bc", "bc10", "iql")]
+    return budget_checks + runs + mazes
 
 
-def run(name, body, method, mode, seed, data_dir):
+def study_of(task):
+    return next(name for name, files in STUDIES.items() if task in files)
+
+
+def maze_targets(path):
+    """{name: return} the DT is asked for on a maze: the data's best episode return, twice it, and
+    the reference maximum (the noise-free planner's mean return in the evaluation)."""
+    with h5py.File(path, "r") as f:
+        rewards, ends = f["rewards"][()], f["terminals"][()] | f["timeouts"][()]
+        best = float(np.add.reduceat(rewards.astype(np.float64), np.r_[0, np.flatnonzero(ends[:-1]) + 1]).max())
+        return {"data's best": best, "twice the data's best": 2 * best,
+                "reference maximum": float(f.attrs["ref_max_score"])}
+
+
+def run(name, task, method, mode, seed, data_dir):
     ckpt, out_json = HERE / "runs" / f"{name}.pt", RESULTS / "runs" / f"{name}.json"
     if out_json.exists():
         return
     ckpt.parent.mkdir(exist_ok=True)
     out_json.parent.mkdir(parents=True, exist_ok=True)
+    data = Path(data_dir) / FILES[task]
+    maze = study_of(task) == "maze2d"
     if ckpt.exists():
-        train = ["--resume", str(ckpt), "--data", str(Path(data_dir) / FILES[body])]
+        train = ["--resume", str(ckpt), "--data", str(data)]
     else:
-        train = ["--data", str(Path(data_dir) / FILES[body]), *METHODS[method], "--reward-mode", mode,
-                 "--seed", str(seed), "--out", str(ckpt)]
+        train = ["--data", str(data), *METHODS[method], "--reward-mode", mode, "--seed", str(seed), "--out", str(ckpt)]
+        if maze:  # 10 episodes a point of the learning curve, not 5: a maze's returns vary more
+            train += ["--eval-episodes", "10"]
     print(f"== {name}: python train.py {' '.join(train)}", flush=True)
     subprocess.run([sys.executable, "train.py", *train], cwd=HERE, check=True)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     if saved["step"] < saved["total_steps"]:  # train.py was stopped (Ctrl-C, SIGTERM) and saved
         sys.exit(f"== {name}: stopped at step {saved['step']} of {saved['total_steps']}; "
                  f"the same command carries on from there")
-    evaluation = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--episodes", "10", "--json"],
+    targets = maze_targets(data) if maze and method.startswith("dt") else {}
+    evaluation = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--episodes", "20" if maze else "10",
+                                 "--json", *(["--target", *map(str, targets.values())] if targets else [])],
                                 cwd=HERE, check=True, capture_output=True, text=True).stdout
-    result = json.loads(evaluation)
-    result.update(method=method, dataset=FILES[body], reward_mode=mode, seed=seed, steps=saved["step"],
+    sweep = [json.loads(line) for line in evaluation.splitlines()]
+    result = sweep[list(targets).index(MAZE_DT_TARGET)] if targets else sweep[0]
+    if targets:
+        result["sweep"] = [dict(r, target_name=t) for r, t in zip(sweep, targets)]
+    result.update(method=method, dataset=FILES[task], reward_mode=mode, seed=seed, steps=saved["step"],
                   train_s=round(saved["elapsed_s"], 1))
     (RESULTS / "runs" / f"{name}.csv").write_bytes(ckpt.with_suffix(".csv").read_bytes())
     out_json.write_text(json.dumps(result) + "\n")
@@ -97,62 +136,81 @@ def run(name, body, method, mode, seed, data_dir):
 
 
 def gather():
-    """Every finished run's JSON -> results/medium-expert.csv, in plan order."""
-    rows = []
-    for name, *_ in plan():
+    """Every finished run's JSON -> results/STUDY.csv, one file per study, in plan order. Written
+    whole and renamed: two experiment processes may gather at the same time."""
+    rows = {study: [] for study in STUDIES}
+    for name, task, *_ in plan():
         path = RESULTS / "runs" / f"{name}.json"
         if path.exists():
             r = json.loads(path.read_text())
-            rows.append([r[c] if not isinstance(r[c], float) else round(r[c], 4) for c in COLUMNS])
-    with open(RESULTS / "medium-expert.csv", "w", newline="") as f:
-        csv.writer(f).writerows([COLUMNS, *rows])
-    return rows
+            rows[study_of(task)].append([r[c] if not isinstance(r[c], float) else round(r[c], 4) for c in COLUMNS])
+    for study, study_rows in rows.items():
+        if study_rows:
+            with atomic_write(RESULTS / f"{study}.csv") as tmp, open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([COLUMNS, *study_rows])
 
 
-def table():
-    """Normalized score per method and dataset: mean ± std over seeds, then each seed's score."""
-    with open(RESULTS / "medium-expert.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    planned = {(method, mode, body) for _, body, method, mode, _ in plan()}
-    print("| method | rewards | " + " | ".join(FILES) + " |")
-    print("| --- | --- | " + " | ".join("---:" for _ in FILES) + " |")
+def episode_scores(result):
+    """A run's evaluation JSON -> the normalized score of each of its episodes."""
+    low, high = result.get("ref_returns") or locomotion_task(result["env"]).ref_returns
+    return [100.0 * (r - low) / (high - low) for r in result["returns"]]
+
+
+def table(study):
+    """Normalized score per method and task: the mean over seeds and episodes with its 95%
+    bootstrap interval (stats.bootstrap_mean), each seed's score, and each method's IQM over the
+    study's tasks with its interval (stats.bootstrap_iqm)."""
+    files = STUDIES[study]
+    results = {}
+    for name, task, method, mode, seed in plan():
+        path = RESULTS / "runs" / f"{name}.json"
+        if task in files and path.exists():
+            results.setdefault((method, mode, task), []).append(json.loads(path.read_text()))
+    planned = {(method, mode, task) for _, task, method, mode, _ in plan()}
+    print(f"{study}: normalized score, mean [95% bootstrap interval] (each seed)")
+    print("| method | rewards | " + " | ".join(files) + " | IQM over tasks |")
+    print("| --- | --- | " + " | ".join("---:" for _ in files) + " | ---: |")
     for method in METHODS:
         for mode in ("dense", "delayed"):
-            cells = []
-            for body in FILES:
-                scores = [float(r["normalized_score"]) for r in rows
-                          if (r["method"], r["reward_mode"], r["dataset"]) == (method, mode, FILES[body])]
-                if len(scores) > 1:
-                    cells.append(f"{np.mean(scores):.1f} ± {np.std(scores):.1f} ({', '.join(f'{s:.1f}' for s in scores)})")
-                elif scores:
-                    cells.append(f"{scores[0]:.1f} (one seed)")
+            cells, runs_by_task = [], {}
+            for task in files:
+                runs = results.get((method, mode, task), [])
+                if runs:
+                    mean, low, high = stats.bootstrap_mean([episode_scores(r) for r in runs])
+                    seeds = ", ".join(f"{r['normalized_score']:.1f}" for r in runs)
+                    cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}] ({seeds})")
+                    runs_by_task[task] = [r["normalized_score"] for r in runs]
                 else:
-                    cells.append("not run yet" if (method, mode, body) in planned else "–")
-            if any(c not in ("not run yet", "–") for c in cells):
-                print(f"| {method} | {mode} | " + " | ".join(cells) + " |")
+                    cells.append("not run yet" if (method, mode, task) in planned else "–")
+            if not runs_by_task:
+                continue
+            whole = len(runs_by_task) == len(files) and all(len(v) > 1 for v in runs_by_task.values())
+            summary = "{:.1f} [{:.1f}, {:.1f}]".format(*stats.bootstrap_iqm(runs_by_task)) if whole else "–"
+            print(f"| {method} | {mode} | " + " | ".join(cells) + f" | {summary} |")
 
 
-def curves(path):
+def curves(path, study):
     """Every finished run's learning curve, the normalized score of its evaluations during training
-    against its training time, one panel per body: the evidence for the budgets in METHODS. The
+    against its training time, one panel per task: the evidence for the budgets in METHODS. The
     time axis is logarithmic: IQL's budget is ten times the others'."""
     plt = plot.pyplot()
-    fig, axes = plt.subplots(1, len(FILES), figsize=(5 * len(FILES), 4), dpi=120, sharex=True, sharey=True)
+    files = STUDIES[study]
+    fig, axes = plt.subplots(1, len(files), figsize=(5 * len(files), 4), dpi=120, sharex=True, sharey=True)
     colors = dict(zip(METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     labelled = set()
     for name, body, method, mode, seed in plan():
         log_path = RESULTS / "runs" / f"{name}.csv"
-        if not log_path.exists():
+        if body not in files or not log_path.exists():
             continue
         log = plot.read_log(log_path)
         points = [(t, v) for t, v in zip(log["elapsed_s"], log["eval_score"]) if not np.isnan(v)]
         label = f"{method}, {mode} rewards"
-        ax = axes[list(FILES).index(body)]
+        ax = axes[list(files).index(body)]
         ax.plot(*zip(*points), color=colors[method], linestyle="--" if mode == "delayed" else "-", marker=".",
                 alpha=0.8, label=None if label in labelled else label)
         labelled.add(label)
-    for ax, body in zip(axes, FILES):
-        ax.set(xscale="log", title=FILES[body], xlabel="training time (s, one CPU core)")
+    for ax, body in zip(axes, files):
+        ax.set(xscale="log", title=files[body], xlabel="training time (s, one CPU core)")
         ax.grid(alpha=0.3)
     axes[0].set(ylabel="normalized score (5 episodes)")
     fig.legend(loc="lower center", ncol=4, fontsize=8, frameon=False)
@@ -164,34 +222,39 @@ def curves(path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", default="data", help="folder holding the three medium-expert files")
+    p.add_argument("--data-dir", default="data", help="folder holding the data files of the studies")
+    p.add_argument("--study", choices=list(STUDIES), help="only this study's runs, table or curves (default: all; "
+                   "--curves: medium-expert)")
+    p.add_argument("--method", nargs="+", choices=list(METHODS), help="run only these methods' entries")
     p.add_argument("--list", action="store_true", help="print the plan and what is done; run nothing")
-    p.add_argument("--table", action="store_true", help="rebuild results/medium-expert.csv from the runs' JSON "
-                   "and print it as a Markdown table; run nothing")
+    p.add_argument("--table", action="store_true", help="rebuild results/STUDY.csv from the runs' JSON "
+                   "and print each study as a Markdown table; run nothing")
     p.add_argument("--only", help="run only the plan entries whose name contains this text")
     p.add_argument("--curves", metavar="PNG", type=Path, help="draw every finished run's learning curve "
                    "into this PNG (needs matplotlib); run nothing")
     args = p.parse_args(argv)
+    studies = [args.study] if args.study else list(STUDIES)
+    entries = [e for e in plan() if study_of(e[1]) in studies and (not args.only or args.only in e[0])
+               and (not args.method or e[2] in args.method)]
     if args.list:
-        for name, *_ in plan():
+        for name, *_ in entries:
             print(f"{'done' if (RESULTS / 'runs' / f'{name}.json').exists() else '    '}  {name}")
         return
     if args.table:
         gather()
-        table()
+        for study in studies:
+            table(study)
         return
     if args.curves:
         plot.require_matplotlib(p, "--curves")
-        curves(args.curves)
+        curves(args.curves, args.study or "medium-expert")
         print(f"experiment: {args.curves}")
         return
-    missing = [f for f in FILES.values() if not (Path(args.data_dir) / f).exists()]
+    missing = sorted({FILES[task] for _, task, *_ in entries if not (Path(args.data_dir) / FILES[task]).exists()})
     if missing:
         sys.exit(f"error: {args.data_dir} lacks {', '.join(missing)}; point --data-dir at the folder that holds them")
     print(f"experiment: {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
-    for entry in plan():
-        if args.only and args.only not in entry[0]:
-            continue
+    for entry in entries:
         run(*entry, args.data_dir)
         gather()
 

@@ -10,9 +10,30 @@ safe offline. It trains on transitions (s, a, r, s', done): data.sample_transiti
 """
 import copy
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
+
+
+@dataclass
+class IQLConfig:
+    """IQL's own settings, the paper's MuJoCo values (train.py --expectile etc.)."""
+    expectile: float = 0.7    # the expectile V is fitted to
+    temperature: float = 3.0  # beta in the actor's weights exp(beta (Q - V))
+    discount: float = 0.99    # gamma of the Bellman backups
+    tau: float = 0.005        # Polyak rate of the target Q networks
+
+    def problem(self):
+        """What is wrong with these settings, or None."""
+        if not (0 < self.expectile < 1 and self.temperature >= 0 and 0 <= self.discount < 1 and 0 < self.tau <= 1):
+            return "iql needs 0 < --expectile < 1, --temperature >= 0, 0 <= --discount < 1 and 0 < --tau <= 1"
+        return None
+
+
+def config_from(args):
+    """IQLConfig from a run's arguments (train.py's namespace)."""
+    return IQLConfig(**{f.name: getattr(args, f.name) for f in fields(IQLConfig)})
 
 
 def mlp(sizes):
@@ -79,23 +100,23 @@ class IQL(nn.Module):
         return self(states[:, -1])  # the current state alone: no history, no return
 
 
-def iql_loss(model, batch, args):
+def iql_loss(model, batch, cfg):
     """IQL's three losses in one sum. Each trains one network and sees the others' outputs only
     through torch.no_grad or .detach(), so one backward pass gives every network exactly its own
     gradient, as three separate updates from the same parameters would (CORL's order).
-    batch: states (B,S), actions (B,A), rewards (B,), next states (B,S), terminals (B,)."""
+    batch: states (B,S), actions (B,A), rewards (B,), next states (B,S), terminals (B,); cfg an IQLConfig."""
     s, a, r, s_next, terminal = batch
     with torch.no_grad():
         v_next = model.value(s_next)
     v = model.value(s)
     advantage = model.advantage(s, a, v)
-    value_loss = expectile_loss(advantage, args.expectile)
+    value_loss = expectile_loss(advantage, cfg.expectile)
     # Q: one Bellman backup, r + gamma V(s'), with no bootstrap past a true termination.
-    td_target = r + args.discount * (1.0 - terminal) * v_next
+    td_target = r + cfg.discount * (1.0 - terminal) * v_next
     q1, q2 = model.q(s, a)
     q_loss = ((q1 - td_target) ** 2 + (q2 - td_target) ** 2).mean() / 2
     # Actor: clone the data's actions, each weighted by how much better than V it did.
-    weight = actor_weights(advantage.detach(), args.temperature)
+    weight = actor_weights(advantage.detach(), cfg.temperature)
     actor_loss = -(weight * model.log_prob(s, a)).mean()
     return value_loss + q_loss + actor_loss
 
@@ -122,12 +143,12 @@ class Objective(nn.Module):
     forward of its own, which is what DistributedDataParallel (gradients averaged during backward)
     and torch.compile wrap. It holds the model, not a copy: the optimizer sees the same weights."""
 
-    def __init__(self, model, args):
+    def __init__(self, model, cfg):
         super().__init__()
-        self.model, self.args = model, args
+        self.model, self.cfg = model, cfg
 
     def forward(self, states, actions, rewards, next_states, terminals):
-        return iql_loss(self.model, (states, actions, rewards, next_states, terminals), self.args)
+        return iql_loss(self.model, (states, actions, rewards, next_states, terminals), self.cfg)
 
 
 def actor_lr(step, total_steps, max_lr):

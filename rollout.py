@@ -1,6 +1,6 @@
 """
-Rolling a policy out in its MuJoCo environment, many episodes side by side, and scoring the returns
-as D4RL does. evaluate.py and train.py's --eval-every both go through `rollout`.
+Rolling a policy out in its MuJoCo environment, many episodes side by side. evaluate.py and
+train.py's --eval-every both go through `rollout`; tasks.py scores the returns.
 
 All episodes run in one gymnasium vector env, and each environment step is one batched model
 forward for all of them. vecenv.py makes the environments: in this process, or with env_workers > 1
@@ -13,42 +13,23 @@ from tqdm import tqdm
 from checkpoint import RunError
 from vecenv import make_envs
 
-# D4RL's reference returns (d4rl/infos.py): a random policy and the expert used to normalize
-# scores, 100 * (R - random) / (expert - random).
-D4RL_REF_RETURNS = {
-    "HalfCheetah": (-280.178953, 12135.0),
-    "Hopper": (-20.272305, 3234.3),
-    "Walker2d": (1.629008, 4592.3),
-}
-# Return asked for when no --target is given: the DT paper's, a little above the best episodes
-# in D4RL's expert data.
-DEFAULT_TARGETS = {"HalfCheetah": 12000.0, "Hopper": 3600.0, "Walker2d": 5000.0}
-
-
-def body(env_id):
-    return env_id.split("-")[0]
-
-
-def normalized_score(env_id, ret):
-    low, high = D4RL_REF_RETURNS[body(env_id)]
-    return 100.0 * (ret - low) / (high - low)
-
 
 @torch.no_grad()
-def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, recorder=None, compile=False,
-            env_workers=1):
+def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder=None, compile=False,
+            env_workers=1, record=None):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`;
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
     the policy through torch.compile, on CUDA as CUDA graphs (one step's few dozen kernel
     launches replayed as one). It is off by default: compiling (about 30 s on a CPU) costs more
     than it saves in one 1000-step rollout (README, Speed). `env_workers` processes step the
-    environments (vecenv.py); a recorder needs its episode here, in one process."""
-    envs = make_envs(env_id, episodes, recorder, env_workers)
-    check_env_matches(envs, env_id, model.cfg)
+    environments (vecenv.py); a recorder needs its episode here, in one process. `record`, a
+    list, gets every step's raw observations (episodes, obs size) for pictures of the paths."""
+    envs = make_envs(task, episodes, recorder, env_workers)
+    check_env_matches(envs, task.env_id, model.cfg)
     device = next(model.parameters()).device
     norm = norm.to(device)
-    max_steps = envs.spec.max_episode_steps or 1000
+    max_steps = task.max_episode_steps or envs.spec.max_episode_steps or 1000
     policy = model.get_action
     if compile:
         policy = torch.compile(policy, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -64,6 +45,8 @@ def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, record
 
     model.eval()
     obs, _ = envs.reset(seed=seed)
+    if record is not None:
+        record.append(np.array(obs))
     if recorder:
         recorder.capture(envs.envs[0])
     bar = tqdm(total=max_steps, desc=f"target {target:g}", leave=False, disable=not progress)
@@ -81,6 +64,8 @@ def rollout(model, norm, env_id, target, episodes, seed=0, progress=True, record
         actions[:, -1] = action
         obs, reward, terminated, truncated, _ = envs.step(action.float().cpu().numpy())
         returns += np.where(done, 0.0, reward)  # a finished episode stops counting
+        if record is not None:
+            record.append(np.array(obs))
         if recorder and not done[0]:
             recorder.capture(envs.envs[0])
         done |= terminated | truncated

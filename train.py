@@ -3,6 +3,7 @@ Train a Decision Transformer on D4RL-style trajectories (or a baseline: --model 
 
     python train.py --epochs 120                  # halfcheetah-expert-v2, downloaded when missing
     python train.py --data my.hdf5 --max-steps 2000
+    python train.py --data maze2d-umaze-sparse.hdf5  # a maze: the file names its evaluation
     python train.py --resume ckpt.pt              # continue an interrupted run exactly
     torchrun --nproc_per_node 2 train.py ...      # data-parallel over 2 processes (GPUs or CPU)
 
@@ -13,17 +14,16 @@ steps and at the end, and a CSV log beside it (python plot.py ckpt.csv draws it)
 checkpoint and exits.
 """
 import argparse
-import csv
 import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 import distributed
 import download
@@ -33,19 +33,96 @@ from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, check_same_data,
 from data import load_trajectories, sample_batch, sample_transitions
 from datafiles import DataError
 from model import DTConfig, build_model, configure_optimizer
-from rollout import DEFAULT_TARGETS, body, normalized_score, rollout
+from rollout import rollout
+from runlog import Progress, mean_finite_loss, open_log
+from tasks import locomotion_task
 
 DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
-# Defaults that depend on --model: the DT paper's for the DT and BC, the IQL paper's for IQL (its
-# MuJoCo settings: batch 256, Adam at 3e-4, 2 x 256 MLPs, no weight decay or gradient clipping).
-MODEL_DEFAULTS = {
-    "dt": dict(batch_size=64, lr=1e-3, n_layer=DTConfig.n_layer, n_embd=DTConfig.n_embd, dropout=DTConfig.dropout,
-               weight_decay=1e-4, grad_clip=0.25),
-    "iql": dict(batch_size=256, lr=3e-4, n_layer=2, n_embd=256, dropout=0.0, weight_decay=0.0, grad_clip=None,
-                expectile=0.7, temperature=3.0, discount=0.99, tau=0.005),
+
+
+def get_lr(step, total_steps, max_lr):
+    """Linear warm-up over the first 10% of steps, then cosine decay to max_lr / 10."""
+    warmup = max(1, total_steps // 10)
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def action_loss(pred, target, mask):
+    """Mean squared error over real (unpadded) steps only."""
+    m = mask[..., None].to(pred.dtype)
+    return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+
+
+class ActionLoss(torch.nn.Module):
+    """The DT's and BC's training forward: a batch of windows in, action_loss out. The matmuls run
+    under `amp` (bf16 where it pays), the loss in fp32. Being a module, it is what torch.compile and
+    DistributedDataParallel wrap; it holds the model, not a copy."""
+
+    def __init__(self, model, amp):
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, states, actions, returns_to_go, timesteps, mask):
+        with self.amp:
+            pred = self.model(states, actions, returns_to_go, timesteps, mask)
+        return action_loss(pred.float(), actions, mask)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one model brings to the training loop, which itself names no model: its paper's
+    settings, how a batch is drawn, its loss, its optimizer and its learning-rate schedule."""
+    defaults: dict       # for the flags left unset
+    settings: tuple      # the flags it reads beside COMMON's; the config line shows these
+    rows_per_sample: Callable  # (args) -> dataset rows one sample covers, which sizes an epoch
+    sample: Callable     # (data, args, generator) -> batch, a tuple of device tensors
+    objective: Callable  # (model, args, amp) -> module whose forward(*batch) is the loss
+    optimizer: Callable  # (model, args) -> torch optimizer
+    lr: Callable         # (step, total_steps, max_lr) -> learning rate
+    bf16: bool = True    # may train under bf16 autocast
+    after_step: Callable = None  # (model, args), after each optimizer step
+    check: Callable = None       # (args) -> what is wrong with its settings, or None
+
+
+# The DT and BC: the DT paper's settings, batches of K-step windows, the actions' squared error.
+WINDOWS = dict(
+    defaults=dict(batch_size=64, lr=1e-3, n_layer=DTConfig.n_layer, n_embd=DTConfig.n_embd,
+                  dropout=DTConfig.dropout, weight_decay=1e-4, grad_clip=0.25),
+    rows_per_sample=lambda args: args.context_len,
+    sample=lambda data, args, gen: sample_batch(data, args.batch_size, args.context_len, gen),
+    objective=lambda model, args, amp: ActionLoss(model, amp),
+    optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay),
+    lr=get_lr,
+)
+MODELS = {
+    "dt": Recipe(settings=("context_len", "n_layer", "n_head", "n_embd", "dropout", "weight_decay",
+                           "grad_clip", "gamma"), **WINDOWS),
+    # BC predicts each step of a window from its state alone: the same batches, loss and schedule.
+    "bc": Recipe(settings=("context_len", "n_layer", "n_embd", "dropout", "weight_decay", "grad_clip"),
+                 **WINDOWS),
+    # IQL: the IQL paper's MuJoCo settings (batch 256, Adam at 3e-4, 2 x 256 MLPs, no weight decay
+    # or gradient clipping), single transitions, iql.iql_loss.
+    "iql": Recipe(
+        defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_embd=256, dropout=0.0, weight_decay=0.0,
+                      grad_clip=None, **asdict(iql.IQLConfig())),
+        settings=("n_layer", "n_embd", *iql.IQLConfig.__dataclass_fields__),
+        rows_per_sample=lambda args: 1,
+        sample=lambda data, args, gen: sample_transitions(data, args.batch_size, gen),
+        objective=lambda model, args, amp: iql.Objective(model, iql.config_from(args)),
+        optimizer=lambda model, args: iql.configure_optimizer(model, args.lr),
+        lr=iql.actor_lr,
+        # Its Bellman targets and log-probabilities are sums and differences of large numbers,
+        # where bf16's 8 bits of mantissa would be noise.
+        bf16=False,
+        after_step=lambda model, args: model.update_targets(args.tau),
+        check=lambda args: iql.config_from(args).problem()),
 }
-MODEL_DEFAULTS["bc"] = MODEL_DEFAULTS["dt"]
-LOG_COLUMNS = ["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"]
+# The flags every model reads; the others belong to the models whose `settings` name them.
+COMMON = ("data", "env", "model", "epochs", "max_steps", "batch_size", "lr", "reward_mode", "top_pct",
+          "device", "no_amp", "compile", "seed", "out", "overwrite", "log_every", "save_every",
+          "eval_every", "eval_episodes", "target", "resume")
 
 
 def parse_args(argv=None):
@@ -53,7 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--data", help=f"HDF5 trajectories (default {DEFAULT_DATA}; a missing D4RL file "
                                   f"data/NAME.hdf5 is downloaded)")
     p.add_argument("--env", help="gymnasium env id (default: from the data file)")
-    p.add_argument("--model", default="dt", choices=["dt", "bc", "iql"],
+    p.add_argument("--model", default="dt", choices=list(MODELS),
                    help="dt: Decision Transformer; the baselines bc: behaviour cloning (state -> action), "
                         "iql: Implicit Q-Learning (value-based offline RL)")
     p.add_argument("--epochs", type=float, default=120)
@@ -91,7 +168,8 @@ def parse_args(argv=None):
     p.add_argument("--target", type=float, help="return asked for when evaluating (default: per env)")
     p.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT with its own settings")
     args = p.parse_args(argv)
-    for name, value in MODEL_DEFAULTS[args.model].items():
+    check_foreign_flags(p, args, argv)
+    for name, value in MODELS[args.model].defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     check_args(p, args)
@@ -105,21 +183,6 @@ def parse_args(argv=None):
     return args
 
 
-def get_lr(step, total_steps, max_lr):
-    """Linear warm-up over the first 10% of steps, then cosine decay to max_lr / 10."""
-    warmup = max(1, total_steps // 10)
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return max_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def action_loss(pred, target, mask):
-    """Mean squared error over real (unpadded) steps only."""
-    m = mask[..., None].to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
-
-
 def model_config(args, data):
     return DTConfig(kind=args.model, state_dim=data.state_dim, act_dim=data.act_dim, context_len=args.context_len,
                     n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout,
@@ -127,12 +190,10 @@ def model_config(args, data):
 
 
 def use_bf16(args, device):
-    """Train under bf16 autocast unless --no-amp. It speeds up the matmuls on CUDA and on CPUs with
-    bf16 arithmetic (AVX512-BF16, AMX: 1.45x per training step on a 2-core Zen 4); any other CPU
-    would emulate it, slower than fp32. IQL always trains in fp32: its Bellman targets and
-    log-probabilities are sums and differences of large numbers, where bf16's 8 bits of mantissa
-    would be noise."""
-    if args.no_amp or args.model == "iql":
+    """Train under bf16 autocast unless --no-amp or the model keeps to fp32 (IQL). It speeds up the
+    matmuls on CUDA and on CPUs with bf16 arithmetic (AVX512-BF16, AMX: 1.45x per training step on
+    a 2-core Zen 4); any other CPU would emulate it, slower than fp32."""
+    if args.no_amp or not MODELS[args.model].bf16:
         return False
     if device.startswith("cuda"):
         return True
@@ -143,7 +204,7 @@ def use_bf16(args, device):
 
 def compiles(args, device):
     """--compile, or by default: on CUDA, where the step is launch-bound; off on a CPU, where
-    it measured slower for the DT (README, Speed). On a CPU torch.compile builds its kernels
+    it measured slower for the DT (docs/speed.md). On a CPU torch.compile builds its kernels
     with a C++ compiler: without one it would fail deep inside its first step."""
     wanted = args.compile if args.compile is not None else device.startswith("cuda")
     if wanted and not device.startswith("cuda") and not shutil.which(os.environ.get("CXX", "g++")):
@@ -155,63 +216,42 @@ def compiles(args, device):
 def compile_mode(device):
     """On CUDA in one process, "reduce-overhead": a training step is hundreds of small kernels whose
     launches set the pace, and replaying them as CUDA graphs trained a whole 120-epoch run on an
-    H200 at 243 steps/s against the default mode's 126 (README, Speed). Under torchrun, the default
+    H200 at 243 steps/s against the default mode's 126 (docs/speed.md). Under torchrun, the default
     mode: CUDA graphs together with DDP's gradient hooks are unmeasured here and have had known
     crashes (pytorch/pytorch#128218). On a CPU there are no graphs to replay."""
     return "reduce-overhead" if device.startswith("cuda") and not torch.distributed.is_initialized() else None
 
 
 def setup_training(cfg, args, device):
-    """The model, the callable the training forward goes through (compiled with --compile, the
-    default on CUDA; wrapped in DDP under torchrun), the optimizer and the autocast context: one
-    place, so bench.py measures exactly what train.py runs."""
+    """The model, the objective the training forward goes through (compiled with --compile, the
+    default on CUDA; wrapped in DDP under torchrun) and the optimizer: one place, so bench.py
+    measures exactly what train.py runs."""
+    recipe = MODELS[args.model]
     model = build_model(cfg).to(device)
-    on_cuda = device.startswith("cuda")
-    if args.model == "iql":
-        optimizer = iql.configure_optimizer(model, args.lr)
-        train_model = iql.Objective(model, args)  # its forward is the loss
-    else:
-        optimizer = configure_optimizer(model, args.lr, args.weight_decay)
-        train_model = model
+    optimizer = recipe.optimizer(model, args)
+    # bf16 for the matmuls, fp32 weights and optimizer state.
+    amp = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
+                         enabled=use_bf16(args, device))
+    objective = recipe.objective(model, args, amp)
     if compiles(args, device):
-        train_model = torch.compile(train_model, mode=compile_mode(device))
-    train_model = distributed.wrap(train_model, device)
-    # bf16 for the matmuls, fp32 weights and optimizer state; action_loss is taken in fp32.
-    amp = torch.autocast("cuda" if on_cuda else "cpu", dtype=torch.bfloat16, enabled=use_bf16(args, device))
-    return model, train_model, optimizer, amp
+        objective = torch.compile(objective, mode=compile_mode(device))
+    return model, distributed.wrap(objective, device), optimizer
 
 
-def train_step(model, train_model, optimizer, amp, batch, lr, args):
+def train_step(model, objective, optimizer, batch, lr, args):
     """One optimizer step on one batch; returns the loss as a device tensor (no host sync)."""
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # a "constant" group (IQL's critics) keeps --lr
         group["lr"] = args.lr if group.get("schedule") == "constant" else lr
-    if args.model == "iql":
-        loss = train_model(*batch)
-    else:
-        states, actions, rtg, timesteps, mask = batch
-        with amp:
-            pred = train_model(states, actions, rtg, timesteps, mask)
-        loss = action_loss(pred.float(), actions, mask)
+    loss = objective(*batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
     optimizer.step()
-    if args.model == "iql":
-        model.update_targets(args.tau)
+    after_step = MODELS[args.model].after_step
+    if after_step:
+        after_step(model, args)
     return loss.detach()
-
-
-def sample_and_step(step, total_steps, data, gen, model, train_model, optimizer, amp, args):
-    """Draw a batch and take one optimizer step: windows for the DT and BC, transitions for IQL.
-    Returns (the loss as a device tensor, the learning rate)."""
-    if args.model == "iql":
-        lr = iql.actor_lr(step, total_steps, args.lr)
-        batch = sample_transitions(data, args.batch_size, gen)
-    else:
-        lr = get_lr(step, total_steps, args.lr)
-        batch = sample_batch(data, args.batch_size, args.context_len, gen)
-    return train_step(model, train_model, optimizer, amp, batch, lr, args), lr
 
 
 def main(argv=None):
@@ -219,6 +259,7 @@ def main(argv=None):
     if args.resume:
         saved, args = resume_run(args, defaults=parse_args([]))
     args.data = args.data or DEFAULT_DATA
+    recipe = MODELS[args.model]
     rank, world, device = distributed.init(resolve_device(args.device))
     master = rank == 0  # the one process that prints, logs, evaluates and writes the checkpoint
     say = print if master else (lambda *_: None)
@@ -227,26 +268,26 @@ def main(argv=None):
     lock = claim_output(args.out, resuming=saved is not None, overwrite=args.overwrite) if master else None
     log_file = None
     try:
-        say(f"config: {vars(args)}" + (f"; {world} processes" if world > 1 else ""))
+        say(f"config: {run_settings(args)}" + (f"; {world} processes" if world > 1 else ""))
         torch.manual_seed(args.seed)  # the same initial weights in every process
         with distributed.master_first(master):
-            data, env_id = load_data(args)
+            data, task = load_data(args)
         if saved:
-            check_same_data(saved, data, env_id, args)
+            check_same_data(saved, data, task.env_id, args)
         data.to(device)  # the whole dataset lives on the training device; batches never cross the bus
-        steps_per_batch = args.batch_size * (1 if args.model == "iql" else args.context_len) * world
-        steps_per_epoch = math.ceil(data.num_steps / steps_per_batch)
+        steps_per_epoch = math.ceil(data.num_steps / (args.batch_size * recipe.rows_per_sample(args) * world))
         total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
-        target = args.target if args.target is not None else DEFAULT_TARGETS.get(body(env_id), 0.0)
+        target = args.target if args.target is not None else task.default_target
 
         cfg = model_config(args, data)
-        model, train_model, optimizer, amp = setup_training(cfg, args, device)
+        model, objective, optimizer = setup_training(cfg, args, device)
         gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process its own batches
         start_step, elapsed_before = restore(saved, model, optimizer, gen, args, rank) if saved else (0, 0.0)
-        run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": env_id,
+        run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": task.env_id,
+                    "task": task.to_dict(),
                     **{k: v.cpu() if torch.is_tensor(v) else v for k, v in vars(data.norm).items()},
                     "train_args": vars(args), "total_steps": total_steps}
-        say(describe_data(args, data, env_id, device))
+        say(describe_data(args, data, task, device))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not IQL's target networks
         say(f"model: {args.model}, {n_params / 1e6:.2f}M parameters; {total_steps} steps ({steps_per_epoch} per epoch)"
             + (f"; resuming at step {start_step}" if saved else ""))
@@ -259,15 +300,15 @@ def main(argv=None):
         recent = torch.zeros(args.log_every, device=device)  # losses since the last log row, on the device
         n_recent, saved_step = 0, start_step if saved else None
         t0, eval_time = time.time(), 0.0  # elapsed_s in the log is training time, evaluation excluded
-        bar = tqdm(desc="train", unit="step", dynamic_ncols=True, initial=start_step, total=total_steps,
-                   disable=not master)
+        progress = Progress(start_step, total_steps, enabled=master)
         with StopOnSignal() as signals:
             for step in range(start_step, total_steps):
                 # sample -> step. The loss stays on the device: no host sync until a log point.
-                recent[n_recent], lr = sample_and_step(step, total_steps, data, gen, model, train_model,
-                                                       optimizer, amp, args)
+                lr = recipe.lr(step, total_steps, args.lr)
+                batch = recipe.sample(data, args, gen)
+                recent[n_recent] = train_step(model, objective, optimizer, batch, lr, args)
                 n_recent += 1
-                bar.update()
+                progress.update()
 
                 done = step + 1
                 if world == 1:
@@ -286,11 +327,11 @@ def main(argv=None):
                     row = [done, f"{loss_avg:.5f}", f"{lr:.3g}", "", "", ""]
                     if evaluating:
                         t_eval = time.time()
-                        returns = rollout(model, data.norm, env_id, target, args.eval_episodes, progress=False)
+                        returns = rollout(model, data.norm, task, target, args.eval_episodes, progress=False)
                         model.train()
-                        row[4:] = [f"{returns.mean():.1f}", f"{normalized_score(env_id, returns.mean()):.1f}"]
-                        bar.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
-                                  f"(normalized {row[5]}) at target {target:g}")
+                        row[4:] = [f"{returns.mean():.1f}", f"{task.normalized_score(returns.mean()):.1f}"]
+                        progress.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
+                                       f"(normalized {row[5]}) at target {target:g}")
                         eval_time += time.time() - t_eval
                     elapsed = elapsed_before + time.time() - t0 - eval_time
                     row[3] = f"{elapsed:.1f}"
@@ -301,12 +342,12 @@ def main(argv=None):
                         saved_step = done
                     log.writerow(row)
                     log_file.flush()
-                    bar.set_postfix(loss=f"{loss_avg:.4f}", lr=f"{lr:.2e}")
+                    progress.log(done, loss_avg, lr)
                 # `finished`, not signals.requested: a Ctrl-C that arrives after the save decision
                 # above must wait one more step to be saved, not end the run unsaved.
                 if finished:
                     break
-        bar.close()
+        progress.close()
         if master:
             report_end(args, world, done, total_steps, saved_step, start_step, elapsed, elapsed_before,
                        loss_avg, log_path)
@@ -317,7 +358,58 @@ def main(argv=None):
             release_output(lock)
 
 
-# --- what the loop needs, below it: arguments, data, log, Ctrl-C ---------------------------
+# --- what the loop needs, below it: arguments, data, the end of a run ----------------------------
+
+def run_settings(args):
+    """The settings this model reads, in the order they were parsed: what the config line shows."""
+    used = set(COMMON) | set(MODELS[args.model].settings)
+    return {k: v for k, v in vars(args).items() if k in used}
+
+
+def flags_given(parser, argv):
+    """The options written on the command line, as opposed to left at their defaults."""
+    unset = object()
+    # argparse fills in a default only where the namespace has no value yet.
+    blank = argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})
+    return {k for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
+
+
+def load_data(args):
+    """(Trajectories, tasks.Task): the data, and where its policy is evaluated: --env, or what the
+    file says (a maze's eval_env_spec, a D4RL file's name)."""
+    path = download.locate(args.data)  # minari:ID, hf:CONFIG and missing D4RL files are fetched
+    data, task = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode,
+                                   top_pct=args.top_pct, transitions=MODELS[args.model].rows_per_sample(args) == 1)
+    if args.env:
+        task = locomotion_task(args.env)
+    if task is None:
+        raise DataError(f"{path}: cannot tell which environment this data is from; pass --env")
+    return data, task
+
+
+def describe_data(args, data, task, device):
+    kept = f" (the best {args.top_pct:g}% of {data.episodes_in_file})" if args.top_pct < 100 else ""
+    delayed = ", rewards delayed to each episode's end" if args.reward_mode == "delayed" else ""
+    if data.relabelled_goal:
+        x, y = data.relabelled_goal
+        delayed += f", rewards relabelled against the evaluation goal ({x:g}, {y:g}) as D4RL's maze2d"
+    scale = (f"rewards x {data.iql_reward_scale:.4g}" if data.iql_reward_scale is not None
+             else f"returns-to-go / {data.norm.reward_scale:g}")
+    precision = "bf16 autocast" if use_bf16(args, device) else "fp32"
+    return (f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes{kept}, "
+            f"mean return {data.episode_returns.mean():.1f}{delayed}; {scale}; env {task.env_id}; "
+            f"device {device}, {precision}")
+
+
+def check_foreign_flags(p, args, argv):
+    """A flag that only other models read (--expectile with the DT) is a mistake, not a no-op."""
+    own, written = set(COMMON) | set(MODELS[args.model].settings), flags_given(p, argv)
+    for name, recipe in MODELS.items():
+        given = [k for k in recipe.settings if k not in own and k in written]
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            p.error(f"{flags}: for --model {name} only")
+
 
 def check_args(p, args):
     """Every number a run is given must make sense before anything is loaded or overwritten."""
@@ -334,66 +426,13 @@ def check_args(p, args):
         p.error(f"--lr must be above 0, not {args.lr:g}")
     if not 0 <= args.dropout < 1:
         p.error(f"--dropout must be at least 0 and below 1, not {args.dropout:g}")
-    if args.model != "iql":
-        given = [f"--{k}" for k in ("expectile", "temperature", "discount", "tau") if getattr(args, k) is not None]
-        if given:
-            p.error(f"{', '.join(given)}: for --model iql only")
-    elif not (0 < args.expectile < 1 and args.temperature >= 0 and 0 <= args.discount < 1 and 0 < args.tau <= 1):
-        p.error("iql needs 0 < --expectile < 1, --temperature >= 0, 0 <= --discount < 1 and 0 < --tau <= 1")
+    problem = MODELS[args.model].check(args) if MODELS[args.model].check else None
+    if problem:
+        p.error(problem)
     if args.n_embd % args.n_head:
         p.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if not 0 < args.top_pct <= 100:
         p.error("--top-pct must be above 0 and at most 100")
-
-
-def flags_given(parser, argv):
-    """The options written on the command line, as opposed to left at their defaults."""
-    unset = object()
-    # argparse fills in a default only where the namespace has no value yet.
-    blank = argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})
-    return {k for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
-
-
-def load_data(args):
-    path = download.locate(args.data)  # minari:ID, hf:CONFIG and missing D4RL files are fetched
-    data, env_from_file = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode,
-                                            top_pct=args.top_pct, transitions=args.model == "iql")
-    env_id = args.env or env_from_file
-    if env_id is None:
-        raise DataError(f"{path}: cannot tell which environment this data is from; pass --env")
-    return data, env_id
-
-
-def describe_data(args, data, env_id, device):
-    kept = f" (the best {args.top_pct:g}% of {data.episodes_in_file})" if args.top_pct < 100 else ""
-    delayed = ", rewards delayed to each episode's end" if args.reward_mode == "delayed" else ""
-    precision = "bf16 autocast" if use_bf16(args, device) else "fp32"
-    return (f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes{kept}, "
-            f"mean return {data.episode_returns.mean():.1f}{delayed}; env {env_id}; device {device}, {precision}")
-
-
-def open_log(path, resume_step=None):
-    """A fresh CSV log, or on resume the old one cut back to the checkpoint's step (a run killed
-    after its last save may have logged steps that will now be trained again)."""
-    rows = []
-    if resume_step is not None and path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= resume_step]
-    log_file = open(path, "w", newline="")
-    log = csv.writer(log_file)
-    log.writerows([LOG_COLUMNS, *rows])
-    return log_file, log
-
-
-def mean_finite_loss(losses, first_step, out, saved_step):
-    """Mean of the losses since the last log row. A non-finite one stops the run: the parameters
-    it produced are already poisoned, so they must not reach a checkpoint."""
-    for i, x in enumerate(losses):
-        if not math.isfinite(x):
-            kept = f"{out} keeps step {saved_step}" if saved_step else "no checkpoint was written"
-            raise RunError(f"the loss became {x} at step {first_step + i}; stopped ({kept}). "
-                           f"A lower --lr or --grad-clip may help")
-    return sum(losses) / len(losses)
 
 
 def report_end(args, world, done, total_steps, saved_step, start_step, elapsed, elapsed_before, loss, log_path):

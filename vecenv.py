@@ -14,27 +14,39 @@ import multiprocessing
 import signal
 import sys
 
+import gymnasium as gym
 import numpy as np
 
 from checkpoint import RunError
+from tasks import TaskError, import_gym
 
 
-def make_envs(env_id, num_envs, recorder=None, workers=1):
-    """`num_envs` copies of `env_id`, stepped together. A video.Recorder films env 0, which must
-    then live in this process."""
+def make_envs(task, num_envs, recorder=None, workers=1):
+    """`num_envs` copies of a tasks.Task's environment, stepped together. A video.Recorder films
+    env 0, which must then live in this process."""
     if workers > 1:
         if recorder:
             raise RunError("a video is recorded in this process: leave out the environment workers")
-        return ShardedVectorEnv(env_id, num_envs, workers)
-    import gymnasium as gym
+        return ShardedVectorEnv(task, num_envs, workers)
+    try:
+        import_gym(task.env_id)  # registers gymnasium-robotics' mazes when the task is one
+    except TaskError as e:
+        raise RunError(str(e)) from None
 
     quiet_mujoco()
+    kwargs = dict(task.env_kwargs)
+    if task.max_episode_steps:
+        kwargs["max_episode_steps"] = task.max_episode_steps
     # Rendering is set up in every env but costs nothing until render() is called (on env 0 only).
+    if recorder:
+        kwargs.update(recorder.env_kwargs(task))
+    # A dict observation (a maze's: position and velocity, and the goal) is cut down to the part
+    # the policy was trained on.
+    wrappers = [lambda env: ObservationPart(env, task.observation_key)] if task.observation_key else None
     try:
-        envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="sync",
-                            **(recorder.env_kwargs if recorder else {}))
+        envs = gym.make_vec(task.env_id, num_envs=num_envs, vectorization_mode="sync", wrappers=wrappers, **kwargs)
     except gym.error.Error as e:
-        raise RunError(f"cannot make environment {env_id!r}: {e}") from None
+        raise RunError(f"cannot make environment {task.env_id!r}: {e}") from None
     if recorder:
         recorder.prepare(envs.envs[0])
     return envs
@@ -52,12 +64,24 @@ def quiet_mujoco():
     mujoco.set_mju_user_warning(warn)
 
 
+class ObservationPart(gym.ObservationWrapper):
+    """One entry of a dict observation, as the observation."""
+
+    def __init__(self, env, key):
+        super().__init__(env)
+        self.key = key
+        self.observation_space = env.observation_space[key]
+
+    def observation(self, observation):
+        return observation[self.key]
+
+
 class ShardedVectorEnv:
-    """`num_envs` copies of `env_id` split over `workers` processes, with the parts of a gymnasium
+    """`num_envs` copies of a task's environment split over `workers` processes, with the parts of a gymnasium
     vector env's interface that rollout.py uses: reset(seed), step(actions), close(), spec and the
     single spaces."""
 
-    def __init__(self, env_id, num_envs, workers):
+    def __init__(self, task, num_envs, workers):
         workers = min(workers, num_envs)
         self.bounds = np.linspace(0, num_envs, workers + 1).astype(int)  # worker w: [bounds[w], bounds[w + 1])
         # spawn, not fork: a forked child would inherit torch's thread pools mid-use.
@@ -69,7 +93,7 @@ class ShardedVectorEnv:
         try:
             for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
                 ours, theirs = context.Pipe()
-                process = context.Process(target=work, args=(theirs, env_id, hi - lo), daemon=True)
+                process = context.Process(target=work, args=(theirs, task, hi - lo), daemon=True)
                 process.start()
                 theirs.close()
                 self.pipes.append(ours)
@@ -117,11 +141,11 @@ class ShardedVectorEnv:
         return answers
 
 
-def work(pipe, env_id, num_envs):
+def work(pipe, task, num_envs):
     """A worker process: make its share of the environments, then answer the parent's requests
     until told to close."""
     try:
-        envs = make_envs(env_id, num_envs)
+        envs = make_envs(task, num_envs)
     except RunError as e:
         pipe.send(("error", str(e)))
         return

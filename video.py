@@ -34,16 +34,20 @@ class Recorder:
     """Collects episode 0's frames during a rollout, only the first `seconds` of it when given
     (rendering costs more than the rest of a step), and writes them as a video."""
 
-    # "track" is a side-on camera in each body's XML that follows its centre of mass; the default
-    # camera stands still and HalfCheetah leaves the picture within two seconds.
-    env_kwargs = dict(render_mode="rgb_array", width=SIZE[0], height=SIZE[1], camera_name="track")
-
     def __init__(self, seconds=None):
         self.seconds = seconds
         self.frames = []
 
+    def env_kwargs(self, task):
+        """Rendering settings for the task's env. A body is filmed by "track", a side-on camera in
+        its XML that follows its centre of mass (the default camera stands still and HalfCheetah
+        leaves the picture within two seconds). A maze's default camera looks down on all of it."""
+        kwargs = dict(render_mode="rgb_array", width=SIZE[0], height=SIZE[1])
+        return kwargs if task.observation_key else {**kwargs, "camera_name": "track"}
+
     def prepare(self, env):
-        widen_floor(env.unwrapped.model)
+        if has_floor(env.unwrapped.model):
+            widen_floor(env.unwrapped.model)
         # Environment steps per simulated second: one frame per step plays in real time.
         self.fps = env.metadata["render_fps"]
         self.max_frames = round(self.seconds * self.fps) + 1 if self.seconds else None
@@ -54,6 +58,14 @@ class Recorder:
 
     def write(self, path):
         write_video(self.frames, path, self.fps)
+
+
+def has_floor(model):
+    try:
+        model.geom("floor")
+        return True
+    except KeyError:
+        return False
 
 
 def widen_floor(model, half_size=1000.0):

@@ -1,0 +1,81 @@
+"""
+What a training run leaves behind as it goes: the CSV log beside its checkpoint (python plot.py
+ckpt.csv draws it), the loss check at every log point, and its progress on the terminal: a bar on
+a terminal, and one plain line per log interval when the output goes to a file (nohup python
+train.py ... > train.log), where a bar's carriage returns would fill the file.
+"""
+import csv
+import math
+import sys
+import time
+
+from tqdm import tqdm
+
+from checkpoint import RunError
+
+LOG_COLUMNS = ["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"]
+
+
+def open_log(path, resume_step=None):
+    """A fresh CSV log, or on resume the old one cut back to the checkpoint's step (a run killed
+    after its last save may have logged steps that will now be trained again)."""
+    rows = []
+    if resume_step is not None and path.exists():
+        with open(path, newline="") as f:
+            rows = [r for r in list(csv.reader(f))[1:] if r and r[0].isdigit() and int(r[0]) <= resume_step]
+    log_file = open(path, "w", newline="")
+    log = csv.writer(log_file)
+    log.writerows([LOG_COLUMNS, *rows])
+    return log_file, log
+
+
+def mean_finite_loss(losses, first_step, out, saved_step):
+    """Mean of the losses since the last log row. A non-finite one stops the run: the parameters
+    it produced are already poisoned, so they must not reach a checkpoint."""
+    for i, x in enumerate(losses):
+        if not math.isfinite(x):
+            kept = f"{out} keeps step {saved_step}" if saved_step else "no checkpoint was written"
+            raise RunError(f"the loss became {x} at step {first_step + i}; stopped ({kept}). "
+                           f"A lower --lr or --grad-clip may help")
+    return sum(losses) / len(losses)
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere a line at every log point: step, loss, rate, time left."""
+
+    def __init__(self, start, total, enabled=True, stream=None):
+        self.stream = stream or sys.stderr
+        self.start, self.total = start, total
+        self.plain = enabled and not self.stream.isatty()
+        self.t0 = time.time()
+        self.bar = tqdm(desc="train", unit="step", dynamic_ncols=True, initial=start, total=total,
+                        disable=not enabled or self.plain, file=self.stream)
+
+    def update(self):
+        self.bar.update()
+
+    def log(self, step, loss, lr):
+        if not self.plain:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            return
+        rate = (step - self.start) / max(time.time() - self.t0, 1e-9)
+        left = (self.total - step) / rate if rate > 0 else 0.0
+        print(f"step {step}/{self.total} ({100 * step / self.total:.0f}%)  loss {loss:.4f}  lr {lr:.2e}  "
+              f"{rate:.1f} steps/s  {format_duration(left)} left", file=self.stream, flush=True)
+
+    def write(self, line):
+        """A result (an evaluation's) on stdout, without tearing the bar."""
+        if self.plain:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
+
+    def close(self):
+        self.bar.close()
+
+
+def format_duration(seconds):
+    seconds = round(seconds)
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

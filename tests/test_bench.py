@@ -1,0 +1,36 @@
+"""Tests of bench.py."""
+import json
+
+import pytest
+
+import bench
+
+from conftest import TINY, needs_compiler
+
+
+def test_bench_runs_and_reports_every_figure(capsys):
+    result = bench.main(["--synthetic", "--steps", "2", "--warmup", "1", "--eval-episodes", "1", "2",
+                         "--n-layer", "1", "--n-embd", "32", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    for key in ("train_samples_per_s", "train_steps_per_s", "sampler_ms_per_batch", "eval_env_steps_per_s",
+                "eval_env_steps_per_s_sequential", "peak_mem_mb", "peak_gflops", "train_flop_fraction",
+                "eval_flop_fraction"):
+        assert result[key] > 0, key
+    assert result["train_flop_fraction"] < 1 and result["eval_flop_fraction"] < 1  # nothing beats the peak
+    # Twice the episodes, twice the forward's FLOPs: the count is of the real model, per episode.
+    flops = result["eval_forward_gflop_by_episodes"]
+    assert flops[2] == pytest.approx(2 * flops[1], rel=1e-6)
+    assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
+
+
+@needs_compiler
+def test_the_compiled_path_check_reports_each_mode_against_eager(capsys):
+    result = bench.main(["--synthetic", "--check", "--steps", "4", "--warmup", "1", "--eval-episodes", "2",
+                         "--compile-modes", "default", "--env-workers", "2", *TINY])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["eager"]["steps_per_s"] > 0 and result["default"]["steps_per_s"] > 0
+    assert result["max_loss_gap"] < 0.05  # the same batches and seed: compiled training learns the same
+    assert result["env_workers"] == 2  # the rollouts step their environments in 2 processes
+    for curve in ("eval_env_steps_per_s_by_episodes", "eval_compiled_env_steps_per_s_by_episodes",
+                  "env_only_steps_per_s_by_episodes", "env_only_steps_per_s_by_episodes_workers"):
+        assert set(result[curve]) == {2} and result[curve][2] > 0

@@ -1,0 +1,177 @@
+"""Tests of evaluate.py."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import evaluate
+import rollout
+import tasks
+import train
+import vecenv
+from tasks import locomotion_task
+
+from conftest import HERE, HOPPER, TINY, assert_one_line_error, needs_compiler, run_cli, write_d4rl
+
+
+def untrained_hopper(tmp_path):
+    """A tiny Hopper DT after one training step, and its normalization: its episodes end within a
+    few dozen steps, each at its own time."""
+    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
+    out = tmp_path / "hopper.pt"
+    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
+    model, norm, _ = checkpoint.load_checkpoint(out)
+    return model, norm
+
+
+def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
+    """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
+    from the batched rollout must equal those of each episode run alone."""
+    model, norm = untrained_hopper(tmp_path)
+    together = rollout.rollout(model, norm, HOPPER, 3600, 4, seed=0, progress=False)
+    alone = [rollout.rollout(model, norm, HOPPER, 3600, 1, seed=i, progress=False)[0] for i in range(4)]
+    np.testing.assert_allclose(together, alone, rtol=1e-4)
+    assert len(set(np.round(together, 3))) == 4
+
+
+def test_the_policy_sees_the_same_shapes_at_every_step(tmp_path, monkeypatch):
+    """rollout hands get_action a K-step window every time, padded and masked at the start: the
+    fixed shapes that let torch.compile capture one step's forward once and replay it."""
+    model, norm = untrained_hopper(tmp_path)
+    calls, get_action = [], model.get_action
+    # The window's buffers are updated in place, so each call's inputs are copied as they were.
+    monkeypatch.setattr(model, "get_action", lambda *a: (calls.append([x if x is None else x.clone() for x in a]),
+                                                         get_action(*a))[1])
+    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False)
+    K = model.cfg.context_len
+    assert len(calls) > K  # the episodes outlive the padded start
+    assert {tuple(x.shape for x in c[:4]) for c in calls} == {((3, K, 11), (3, K, 3), (3, K, 1), (3, K))}
+    for t, (*_, timesteps, mask) in enumerate(calls):
+        assert timesteps[0, -1] == t
+        if t < K - 1:  # the first K - 1 steps: t + 1 real steps on the right
+            assert mask.sum(1).tolist() == [t + 1] * 3 and mask[:, -1].all()
+        else:
+            assert mask is None
+
+
+@needs_compiler
+def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
+    """torch.compile of the policy (the default on CUDA) gives the same episodes, and the fixed
+    shapes keep it to two graphs: the padded start, with its mask, and every step after it.
+    (Hopper: an untrained one falls within a few dozen steps, before rounding differences between
+    compiled and eager kernels can grow, as they do over a 1000-step HalfCheetah episode.)"""
+    model, norm = untrained_hopper(tmp_path)
+    torch._dynamo.reset()
+    eager = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=False)
+    torch._dynamo.utils.counters.clear()
+    compiled = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=True)
+    np.testing.assert_allclose(compiled, eager, rtol=1e-4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_sharded_envs_step_exactly_as_one_process():
+    """vecenv.ShardedVectorEnv: 5 Hoppers over 2 worker processes give the same observations,
+    rewards and ends, autoresets included, as one gymnasium vector env in this process."""
+    actions = np.random.default_rng(0).uniform(-1, 1, (60, 5, 3)).astype(np.float32)
+    runs = []
+    for workers in (1, 2):
+        envs = vecenv.make_envs(HOPPER, 5, workers=workers)
+        steps = [envs.reset(seed=7)[0]] + [envs.step(a)[:4] for a in actions]
+        envs.close()
+        runs.append(steps)
+    one, sharded = runs
+    np.testing.assert_array_equal(one[0], sharded[0])
+    for a, b in zip(one[1:], sharded[1:]):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    assert any(step[2].any() for step in one[1:])  # some fell, and were reset, within the 60 steps
+
+
+def test_a_rollout_with_env_workers_returns_what_one_process_does(tmp_path):
+    model, norm = untrained_hopper(tmp_path)
+    alone = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False)
+    sharded = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, env_workers=2)
+    np.testing.assert_array_equal(alone, sharded)
+
+
+def test_env_workers_fail_in_one_line(trained, tmp_path, capsys):
+    with pytest.raises(checkpoint.RunError, match="cannot make environment 'Nope-v5'"):
+        vecenv.make_envs(tasks.Task("Nope-v5"), 4, workers=2)
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([str(trained), "--video", str(tmp_path / "x.gif"), "--env-workers", "2"])
+    assert "leave out --env-workers" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.parse_args([str(trained), "--env-workers", "0"])
+    assert "--env-workers must be at least 1" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_an_evaluation_with_env_workers_ends_in_one_line(trained, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, the workers too: only evaluate.py
+    answers it, in one line, and no worker is left behind."""
+    err = tmp_path / "stderr"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "evaluate.py", str(trained), "--episodes", "100", "--env-workers", "2"],
+                                cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 90
+    while "target" not in err.read_text():  # the progress bar: the workers are stepping
+        assert proc.poll() is None and time.time() < deadline, err.read_text()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 1
+    lines = [line for line in err.read_text().replace("\r", "\n").splitlines() if line.strip()]
+    assert lines[-1] == "interrupted" and "Traceback" not in err.read_text(), lines[-10:]
+    deadline = time.time() + 10
+    while group_alive(proc.pid):  # the workers, and multiprocessing's helper, go with it
+        assert time.time() < deadline, subprocess.run(["ps", "-g", str(proc.pid), "-o", "pid,args"],
+                                                      capture_output=True, text=True).stdout
+        time.sleep(0.1)
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_normalized_score_reference_points():
+    assert locomotion_task("HalfCheetah-v5").normalized_score(12135.0) == pytest.approx(100.0)
+    assert locomotion_task("HalfCheetah-v5").normalized_score(-280.178953) == pytest.approx(0.0)
+    assert locomotion_task("Hopper-v5").normalized_score(3234.3) == pytest.approx(100.0)
+
+
+def test_a_target_sweep_prints_a_table_and_draws_it(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "sweep.png"
+    evaluate.main([str(trained), "--target", "0", "3000", "6000", "--episodes", "2", "--plot", str(png)])
+    out = capsys.readouterr().out
+    table = out[out.index("achieved (mean ± std)"):].splitlines()[1:4]
+    assert [line.split()[0] for line in table] == ["0", "3000", "6000"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_cli_errors_are_one_line(tmp_path, trained):
+    missing = tmp_path / "nope.hdf5"
+    assert_one_line_error(run_cli("train.py", "--data", str(missing)), str(missing), "no such file")
+    junk = tmp_path / "junk.hdf5"
+    junk.write_bytes(b"\x00garbage" * 100)
+    assert_one_line_error(run_cli("train.py", "--data", str(junk)), str(junk), "HDF5")
+    foreign = tmp_path / "foreign.hdf5"
+    with h5py.File(foreign, "w") as f:
+        f["pixels"] = np.zeros((4, 3))
+    assert_one_line_error(run_cli("train.py", "--data", str(foreign)), str(foreign), "observations")
+    proc = run_cli("evaluate.py", str(junk))
+    assert_one_line_error(proc, str(junk), "not a readable checkpoint")
+    assert "Error)" not in proc.stderr  # what went wrong, not the name of a Python exception
+    assert_one_line_error(run_cli("evaluate.py", str(tmp_path / "none.pt")), "no such file")
+    proc = run_cli("evaluate.py", str(trained), "--episodes", "1")
+    assert proc.returncode == 0 and "(1 episode)" in proc.stdout, proc.stderr

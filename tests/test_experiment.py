@@ -1,0 +1,55 @@
+"""Tests of experiment.py."""
+import csv
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import experiment
+from tasks import locomotion_task
+
+
+def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys):
+    names = [name for name, *_ in experiment.plan()]
+    assert len(names) == len(set(names))
+    for body in experiment.STUDIES["medium-expert"]:
+        for method, seeds in (("dt-dense", 3), ("iql-dense", 3), ("dt-delayed", 2), ("iql-delayed", 2),
+                              ("bc-dense", 3), ("bc10-dense", 3), ("bc-delayed", 0), ("bc10-delayed", 0)):
+            assert sum(n.startswith(f"{body}-{method}-s") for n in names) == seeds, (body, method)
+    for maze in experiment.STUDIES["maze2d"]:  # every method, 3 seeds, the file's own sparse rewards
+        for method in ("dt", "bc", "bc10", "iql"):
+            assert sum(n.startswith(f"{maze}-{method}-s") for n in names) == 3, (maze, method)
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path)
+    (tmp_path / "runs").mkdir()
+    low, high = locomotion_task("Hopper-v5").ref_returns
+    for seed, score in ((0, 90.0), (1, 80.0)):  # ten episodes of the same return each
+        ret = low + score / 100 * (high - low)
+        row = dict(env="Hopper-v5", method="dt", dataset=experiment.FILES["hopper"], reward_mode="dense", seed=seed,
+                   steps=10, train_s=1.0, target=3600.0, episodes=10, returns=[ret] * 10, mean_return=ret,
+                   std_return=0.0, normalized_score=score)
+        (tmp_path / "runs" / f"hopper-dt-dense-s{seed}.json").write_text(json.dumps(row))
+    experiment.main(["--table", "--study", "medium-expert"])
+    # Resampling two seeds gives 80, 85 or 90: the interval spans both; no IQM without every body.
+    assert "| dt | dense | not run yet | 85.0 [80.0, 90.0] (90.0, 80.0) | not run yet | – |" in capsys.readouterr().out
+    with open(tmp_path / "medium-expert.csv") as f:
+        assert [r["seed"] for r in csv.DictReader(f)] == ["0", "1"]
+    if importlib.util.find_spec("matplotlib"):  # the learning curves, from the runs' training logs
+        (tmp_path / "runs" / "hopper-dt-dense-s0.csv").write_text(
+            "step,loss,lr,elapsed_s,eval_return,eval_score\n100,0.5,1e-4,10.0,,\n200,0.4,1e-4,20.0,3000.0,90.0\n")
+        experiment.main(["--curves", str(tmp_path / "curves.png")])
+        assert capsys.readouterr().out.strip() == f"experiment: {tmp_path / 'curves.png'}"
+        assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_experiment_run_stopped_part_way_is_not_scored(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "HERE", tmp_path)
+    monkeypatch.setattr(experiment, "RESULTS", tmp_path / "results")
+
+    def train_stopped_by_sigterm(cmd, **kwargs):  # train.py saved step 40 of 100 and exited cleanly
+        torch.save({"step": 40, "total_steps": 100, "elapsed_s": 1.0}, tmp_path / "runs" / "hopper-dt-dense-s0.pt")
+
+    monkeypatch.setattr(experiment.subprocess, "run", train_stopped_by_sigterm)
+    with pytest.raises(SystemExit, match="stopped at step 40 of 100; the same command carries on from there"):
+        experiment.run("hopper-dt-dense-s0", "hopper", "dt", "dense", 0, str(tmp_path))
+    assert not (tmp_path / "results" / "runs" / "hopper-dt-dense-s0.json").exists()
