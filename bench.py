@@ -38,7 +38,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import train
-from checkpoint import RunError, resolve_device
+from checkpoint import RunError
+from device import compiles, resolve_device
 from data import load_trajectories, sample_batch
 from datafiles import DataError
 from rollout import rollout
@@ -281,7 +282,7 @@ def main(argv=None):
     peak_mb = peak_memory_mb(device)
     step_flops = train_step_flops(model, objective, optimizer, data, targs)
     model.eval()
-    compiled = train.compiles(targs, device)
+    compiled = compiles(targs.compile, device)
     workers = args.env_workers
     curve = {n: env_steps_per_s(model, data, n, compiled, workers) for n in args.eval_episodes}
     sequential = env_steps_per_s(model, data, 1, compiled, workers=1, runs=2)

@@ -1,6 +1,5 @@
 """
-Where a run lives: the device it runs on, its output files, and the checkpoint that train.py writes
-and evaluate.py reads.
+Where a run lives: its output files, and the checkpoint that train.py writes and evaluate.py reads.
 
 A checkpoint is a dict of tensors and plain Python values only (model weights and config, the
 data's normalization, and for resuming the optimizer, RNG states and step), so it loads with
@@ -20,11 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bc import BehaviourCloning
 from data import Normalization
-from model import DTConfig, build_model
+from iql import IQL
+from model import DecisionTransformer, DTConfig
+from tt import TrajectoryTransformer, TTConfig
 
 FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("model", "model_config", "state_mean", "state_std", "reward_scale", "env_id")
+
+
+# Every model a checkpoint can hold, by the `kind` its config records: its config class and module.
+MODEL_KINDS = {"dt": (DTConfig, DecisionTransformer), "bc": (DTConfig, BehaviourCloning), "iql": (DTConfig, IQL),
+               "tt": (TTConfig, TrajectoryTransformer)}
+
+
+def build_model(config):
+    """A model from its config: a config dataclass, or the dict of one that a checkpoint stores."""
+    if isinstance(config, dict):
+        config = MODEL_KINDS[config.get("kind", "dt")][0](**config)
+    return MODEL_KINDS[config.kind][1](config)
 
 
 class RunError(Exception):
@@ -33,16 +47,6 @@ class RunError(Exception):
 
 class CheckpointError(RunError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
-
-
-def resolve_device(requested):
-    """"auto" -> CUDA when there is a GPU, else the CPU; an explicit "cuda" must exist."""
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise RunError(f"--device cuda: {why}; use --device cpu (or auto)")
-    return requested
 
 
 @contextmanager
@@ -108,12 +112,12 @@ def load_checkpoint(path, device="cpu"):
     """Read a checkpoint written by train.py -> (model in eval mode, its Normalization, the dict)."""
     ckpt = read_checkpoint(path, device)
     try:
-        model = build_model(DTConfig(**ckpt["model_config"])).to(device)
+        model = build_model(ckpt["model_config"]).to(device)
         model.load_state_dict(ckpt["model"])
     except Exception:  # a config or weights that do not fit the model this code builds
         raise CheckpointError(f"{path}: damaged checkpoint, its weights do not fit its config") from None
     norm = Normalization(ckpt["state_mean"], ckpt["state_std"], ckpt["reward_scale"],
-                         ckpt.get("reward_mode", "dense"))
+                         ckpt.get("reward_mode", "dense"), ckpt.get("bins"))
     return model.eval(), norm, ckpt
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from datafiles import DataError, read_file
+from iql import iql_reward_scale, next_states  # IQL's transitions, built here with the rest
 from tasks import ENV_IDS, TaskError, locomotion_task, task_from_attributes
 
 # The DT divides returns-to-go by a scale so that its return input is O(1)-O(10). The DT paper
@@ -26,11 +27,12 @@ SPARSE_REWARD_SCALE = 100.0
 @dataclass
 class Normalization:
     """How training saw the data, which every rollout must repeat: the state statistics, the
-    return scale, and whether the rewards were delayed. A checkpoint stores these four fields."""
+    return scale, whether the rewards were delayed, and a TT's bins. A checkpoint stores them."""
     state_mean: torch.Tensor  # (S,)
     state_std: torch.Tensor   # (S,)
     reward_scale: float
     reward_mode: str = "dense"
+    bins: torch.Tensor = None  # (N + 1, D) the Trajectory Transformer's bin edges (tt.Discretizer)
 
     def states(self, obs):
         """(B, S) raw observations -> the normalized states the model was trained on."""
@@ -46,7 +48,7 @@ class Normalization:
 
     def to(self, device):
         return Normalization(self.state_mean.to(device), self.state_std.to(device), self.reward_scale,
-                             self.reward_mode)
+                             self.reward_mode, None if self.bins is None else self.bins.to(device))
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Trajectories:
     next_states: torch.Tensor = None  # (N, S) float32, normalized
     terminals: torch.Tensor = None    # (N,) float32, 1 where the episode truly ended: no bootstrap
     iql_reward_scale: float = None    # the factor on the file's rewards in `rewards`
+    step_rewards: torch.Tensor = None  # (N,) float32, the rewards as trained on (dense or delayed), unscaled
+    falls: torch.Tensor = None        # (N,) bool, where the MDP truly ended (a body fell), whatever the mode
     relabelled_goal: list = None      # the (x, y) a Minari maze's rewards were relabelled against
 
     @property
@@ -80,7 +84,7 @@ class Trajectories:
 
     def to(self, device):
         for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start", "rewards",
-                     "next_states", "terminals"):
+                     "next_states", "terminals", "step_rewards", "falls"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -188,6 +192,7 @@ def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0, trans
     if transitions:
         nxt = arrays.get("next_observations")
         data.iql_reward_scale = iql_reward_scale(data.episode_returns, sparse)
+        data.step_rewards = torch.from_numpy(np.asarray(rewards, np.float32))
         data.rewards = torch.from_numpy(np.asarray(rewards, np.float32) * np.float32(data.iql_reward_scale))
         if nxt is not None:
             nxt = ((nxt - mean) / std).astype(np.float32)
@@ -195,35 +200,8 @@ def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0, trans
         # A delayed-reward episode is over once its return is paid: its last step is terminal.
         done = ends if reward_mode == "delayed" else arrays["terminals"].astype(bool)
         data.terminals = torch.from_numpy(done.astype(np.float32))
+        data.falls = torch.from_numpy(arrays["terminals"].astype(bool))
     return data, task
-
-
-def iql_reward_scale(episode_returns, sparse):
-    """IQL's factor on the rewards. For the MuJoCo bodies, the IQL paper's 1000 / (best - worst
-    episode return), so that values have the same size whatever the body and the data's spread of
-    returns. A sparse maze's rewards are already 0 or 1 a step, so V is at most 1 / (1 - gamma) =
-    100 for a policy that reaches the goal and stays; the bodies' rule would multiply them by
-    about 16 (the best maze episode earns about 60) for no gain. CORL's IQL trains maze2d on the
-    raw rewards too."""
-    if sparse:
-        return 1.0
-    return 1000.0 / max(float(np.ptp(episode_returns)), 1.0)
-
-
-def next_states(states, last, next_obs=None):
-    """s' of every step: the next row of the same episode. The last step of an episode has no next
-    row. Where the MDP ended (a body that fell) s' is never used: the TD target does not bootstrap
-    past a terminal. Where the time limit cut the episode it must bootstrap, since the body would
-    have run on; the file's next_observations give the true s' when present (D4RL's own files,
-    Minari's), and otherwise the step's own state stands in for it: one step (0.008 to 0.05 s of
-    simulated time) moves a body little, so V(s_T) is close to V(s_T+1). Dropping the step instead
-    would lose its reward: under delayed rewards, the episode's whole return."""
-    idx = np.arange(1, len(states) + 1)
-    idx[last] = last
-    out = states[idx]
-    if next_obs is not None:
-        out[last] = next_obs[last]
-    return out
 
 
 def sample_batch(data, batch_size, context_len, generator=None):
@@ -248,12 +226,6 @@ def sample_batch(data, batch_size, context_len, generator=None):
         data.timesteps[idx] * mask,
         mask,
     )
-
-
-def sample_transitions(data, batch_size, generator=None):
-    """IQL's batch: (s, a, r, s', done) at uniformly drawn steps, each (B, ...)."""
-    i = torch.randint(0, data.num_steps, (batch_size,), device=data.states.device, generator=generator)
-    return data.states[i], data.actions[i], data.rewards[i], data.next_states[i], data.terminals[i]
 
 
 def task_for_name(path):

@@ -163,7 +163,8 @@ def read_minari(f, path, goal=None):
         if steps == 0:
             raise DataError(f"{where}: the episode has no steps")
         if goal is not None:
-            ep["rewards"] = relabelled_rewards(read_key(f[name], "observations/achieved_goal", where), steps, goal, where)
+            achieved = read_key(f[name], "observations/achieved_goal", where)
+            ep["rewards"] = relabelled_rewards(achieved, steps, goal, where)
         if len(ep["observations"]) not in (steps, steps + 1):
             raise DataError(f"{where}: key 'observations' has {len(ep['observations'])} rows for {steps} actions")
         if len(ep["observations"]) == steps + 1:

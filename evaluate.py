@@ -16,13 +16,16 @@ missing, exactly as its training data was labelled. rollout.py runs the episodes
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from dataclasses import replace
 
-from checkpoint import RunError, load_checkpoint, resolve_device
+from checkpoint import RunError, load_checkpoint
+from device import resolve_device
 from rollout import rollout
 from tasks import task_from_checkpoint
+from tt import PlanSettings
 
 
 def parse_args(argv=None):
@@ -41,7 +44,14 @@ def parse_args(argv=None):
                    help="render episode 0 of the first target to an MP4 (or .gif) file")
     p.add_argument("--video-seconds", type=float, help="keep only the first seconds of the video "
                    "(default: the whole episode; a short GIF for a web page)")
+    p.add_argument("--beam-width", type=int, help=f"a TT checkpoint: plans kept per step (default "
+                   f"{PlanSettings.beam_width}, the paper's; fewer plan faster)")
+    p.add_argument("--horizon", type=int, help=f"a TT checkpoint: transitions planned ahead (default "
+                   f"{PlanSettings.horizon}, the paper's; it uses 5 for HalfCheetah and Walker2d)")
     args = p.parse_args(argv)
+    for flag, value in (("--beam-width", args.beam_width), ("--horizon", args.horizon)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, not {value}")
     if args.episodes < 1 or args.env_workers < 1:
         p.error("--episodes and --env-workers must be at least 1")
     if args.video_seconds is not None and args.video_seconds <= 0:
@@ -74,7 +84,12 @@ def main(argv=None):
                        f"and maze files that carry ref_min_score / ref_max_score have them)")
     targets = args.target or [task.default_target]
     env_id = task.env_id
-    conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone
+    planning = model.cfg.kind == "tt"
+    if not planning and (args.beam_width or args.horizon):
+        raise RunError(f"{args.checkpoint}: --beam-width and --horizon are for a TT checkpoint; this is "
+                       f"{model.cfg.kind.upper()}")
+    settings = PlanSettings(**{k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon)) if v})
+    conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, TT plans
     if not conditioned and len(targets) > 1:
         print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",
               file=sys.stderr)
@@ -86,20 +101,28 @@ def main(argv=None):
         if args.video and not results:
             from video import Recorder
             recorder = Recorder(args.video_seconds)
+        steps, t0 = [], time.perf_counter()
         try:
-            returns = rollout(model, norm, task, target, args.episodes, args.seed,
-                              progress=not args.json, recorder=recorder, env_workers=args.env_workers)
+            returns = rollout(model, norm, task, target, args.episodes, args.seed, progress=not args.json,
+                              recorder=recorder, env_workers=args.env_workers, record=steps, planning=settings)
         except RunError as e:  # the env does not fit this checkpoint: name both
             raise RunError(f"{args.checkpoint}: {e}") from None
+        seconds = time.perf_counter() - t0
         result = {
             "env": env_id, "model": model.cfg.kind, "target": target, "episodes": args.episodes,
             "returns": [round(float(r), 2) for r in returns],
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
             "normalized_score": task.normalized_score(float(returns.mean())),
             "ref_returns": list(task.ref_returns),
+            # One policy call acts for every episode at once: a step of all of them.
+            "seconds_per_step": seconds / (len(steps) - 1),
+            "env_steps_per_s": args.episodes * (len(steps) - 1) / seconds,
         }
+        if planning:
+            result.update(beam_width=settings.beam_width, horizon=settings.horizon)
         results.append(result)
-        asked = f"target {target:g}" if conditioned else f"{model.cfg.kind.upper()} (no target)"
+        asked = (f"target {target:g}" if conditioned else f"TT, beam {settings.beam_width}, horizon {settings.horizon}"
+                 if planning else f"{model.cfg.kind.upper()} (no target)")
         if args.json:
             print(json.dumps(result), flush=True)
         else:
@@ -120,6 +143,9 @@ def print_result(r, returns, asked):
     print("  returns:", " ".join(f"{x:.1f}" for x in returns))
     print(f"  mean {r['mean_return']:.1f} ± {r['std_return']:.1f}   "
           f"D4RL normalized score {r['normalized_score']:.1f}")
+    if "beam_width" in r:
+        print(f"  planning: {r['seconds_per_step']:.2f} s a step for all {r['episodes']} episodes together, "
+              f"{r['env_steps_per_s']:.1f} env steps/s")
 
 
 def print_sweep(results):

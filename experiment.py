@@ -58,7 +58,13 @@ METHODS = {
     "iql": ["--model", "iql", "--max-steps", "1000000", "--eval-every", "50000", "--log-every", "1000"],
     "iql-200k": ["--model", "iql", "--max-steps", "200000", "--eval-every", "20000", "--log-every", "1000"],
     "dt-120ep": ["--epochs", "120", "--eval-every", "4000"],
+    # The Trajectory Transformer: batch 64 (the paper's 256 is four times the work of a CPU step),
+    # no evaluation during training (planning costs seconds a step on a CPU): its budget comes
+    # from the loss curve of the first run.
+    "tt": ["--model", "tt", "--batch-size", "64", "--max-steps", "10000", "--log-every", "100"],
 }
+# Planning on a CPU: the paper's horizon for HalfCheetah and Walker2d, a quarter of its beam.
+EVALUATION = {"tt": ["--beam-width", "32", "--horizon", "5"]}
 COLUMNS = ["method", "dataset", "reward_mode", "seed", "steps", "train_s", "target", "episodes",
            "mean_return", "std_return", "normalized_score"]
 
@@ -76,13 +82,17 @@ def plan():
                     if (mode == "delayed" and (method.startswith("bc") or seed == 2)):
                         continue
                     runs.append((f"{body}-{method}-{mode}-s{seed}", body, method, mode, seed))
-    budget_checks = [(f"halfcheetah-iql-200k-{mode}-s0", "halfcheetah", "iql-200k", mode, 0) for mode in ("dense", "delayed")]
+    budget_checks = [(f"halfcheetah-iql-200k-{mode}-s0", "halfcheetah", "iql-200k", mode, 0)
+                     for mode in ("dense", "delayed")]
     budget_checks.append(("hopper-dt-120ep-dense-s0", "hopper", "dt-120ep", "dense", 0))
     # The mazes: their own sparse rewards only (delaying them changes little: most episodes earn
     # nothing at all), 3 seeds of every method.
     mazes = [(f"{maze}-{method}-s{seed}", maze, method, "dense", seed)
              for seed in (0, 1, 2) for maze in STUDIES["maze2d"] for method in ("dt", "bc", "bc10", "iql")]
-    return budget_checks + runs + mazes
+    # The Trajectory Transformer on the bodies, Hopper first (the fewest tokens a transition).
+    planners = [(f"{body}-tt-dense-s{seed}", body, "tt", "dense", seed)
+                for seed in (0, 1) for body in ("hopper", "walker2d", "halfcheetah")]
+    return budget_checks + runs + mazes + planners
 
 
 def study_of(task):
@@ -121,7 +131,8 @@ def run(name, task, method, mode, seed, data_dir):
                  f"the same command carries on from there")
     targets = maze_targets(data) if maze and method.startswith("dt") else {}
     evaluation = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--episodes", "20" if maze else "10",
-                                 "--json", *(["--target", *map(str, targets.values())] if targets else [])],
+                                 "--json", *(["--target", *map(str, targets.values())] if targets else []),
+                                 *EVALUATION.get(method, [])],
                                 cwd=HERE, check=True, capture_output=True, text=True).stdout
     sweep = [json.loads(line) for line in evaluation.splitlines()]
     result = sweep[list(targets).index(MAZE_DT_TARGET)] if targets else sweep[0]
@@ -189,6 +200,21 @@ def table(study):
             print(f"| {method} | {mode} | " + " | ".join(cells) + f" | {summary} |")
 
 
+def sweeps(study):
+    """The DT's target sweeps (a maze's): each run's normalized score at every target it was asked."""
+    rows = []
+    for name, task, method, mode, seed in plan():
+        path = RESULTS / "runs" / f"{name}.json"
+        if task in STUDIES[study] and path.exists() and "sweep" in (result := json.loads(path.read_text())):
+            cells = [f"{r['target']:g}: {r['normalized_score']:.1f}" for r in result["sweep"]]
+            rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    if rows:
+        print(f"\n{study}: the DT's normalized score at each target (the data's best episode return, twice it, "
+              f"the reference maximum)")
+        print("| run | data's best | twice the data's best | reference maximum |\n| --- | ---: | ---: | ---: |")
+        print("\n".join(rows))
+
+
 def curves(path, study):
     """Every finished run's learning curve, the normalized score of its evaluations during training
     against its training time, one panel per task: the evidence for the budgets in METHODS. The
@@ -244,6 +270,7 @@ def main(argv=None):
         gather()
         for study in studies:
             table(study)
+            sweeps(study)
         return
     if args.curves:
         plot.require_matplotlib(p, "--curves")

@@ -6,12 +6,14 @@ Where the DT conditions on the return that followed each step, IQL learns what e
 worth by Bellman backups, Q(s, a) = r + gamma * V(s'), and then clones the data's actions weighted
 by how much better than usual they were, exp(beta * (Q - V)). It never asks Q about an action
 outside the data: V is fitted to the data's own Q values by an expectile, which is what makes it
-safe offline. It trains on transitions (s, a, r, s', done): data.sample_transitions.
+safe offline. It trains on transitions (s, a, r, s', done): sample_transitions, from the arrays
+that data.load_trajectories(transitions=True) builds with next_states and iql_reward_scale.
 """
 import copy
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -163,3 +165,39 @@ def configure_optimizer(model, lr):
     critics = [*model.q1.parameters(), *model.q2.parameters(), *model.v.parameters()]
     return torch.optim.Adam([{"params": critics, "schedule": "constant"},
                              {"params": [*model.actor.parameters(), model.log_std]}], lr=lr, fused=True)
+
+
+# --- IQL's data: transitions (s, a, r, s', done) ---------------------------------------------
+
+def iql_reward_scale(episode_returns, sparse):
+    """IQL's factor on the rewards. For the MuJoCo bodies, the IQL paper's 1000 / (best - worst
+    episode return), so that values have the same size whatever the body and the data's spread of
+    returns. A sparse maze's rewards are already 0 or 1 a step, so V is at most 1 / (1 - gamma) =
+    100 for a policy that reaches the goal and stays; the bodies' rule would multiply them by
+    about 16 (the best maze episode earns about 60) for no gain. CORL's IQL trains maze2d on the
+    raw rewards too."""
+    if sparse:
+        return 1.0
+    return 1000.0 / max(float(np.ptp(episode_returns)), 1.0)
+
+
+def next_states(states, last, next_obs=None):
+    """s' of every step: the next row of the same episode. The last step of an episode has no next
+    row. Where the MDP ended (a body that fell) s' is never used: the TD target does not bootstrap
+    past a terminal. Where the time limit cut the episode it must bootstrap, since the body would
+    have run on; the file's next_observations give the true s' when present (D4RL's own files,
+    Minari's), and otherwise the step's own state stands in for it: one step (0.008 to 0.05 s of
+    simulated time) moves a body little, so V(s_T) is close to V(s_T+1). Dropping the step instead
+    would lose its reward: under delayed rewards, the episode's whole return."""
+    idx = np.arange(1, len(states) + 1)
+    idx[last] = last
+    out = states[idx]
+    if next_obs is not None:
+        out[last] = next_obs[last]
+    return out
+
+
+def sample_transitions(data, batch_size, generator=None):
+    """IQL's batch: (s, a, r, s', done) at uniformly drawn steps, each (B, ...)."""
+    i = torch.randint(0, data.num_steps, (batch_size,), device=data.states.device, generator=generator)
+    return data.states[i], data.actions[i], data.rewards[i], data.next_states[i], data.terminals[i]

@@ -21,11 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from iql import IQL  # the value-based baseline, in a file of its own beside the DT
-
 @dataclass
 class DTConfig:
-    kind: str = "dt"  # "dt": the Decision Transformer; the baselines "bc" (behaviour cloning), "iql"
+    kind: str = "dt"  # "dt": the Decision Transformer; with this config also the baselines "bc", "iql"
     state_dim: int = 17
     act_dim: int = 6
     context_len: int = 20  # K: timesteps per window, so 3K tokens
@@ -199,33 +197,6 @@ class DecisionTransformer(nn.Module):
         last = slice(-1, None)
         x = self.blocks[-1](x, None if attn_mask is None else attn_mask[..., last, :], queries=last)
         return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
-
-
-class BehaviourCloning(nn.Module):
-    """The baseline the DT paper compares against: an MLP from the current state to the action,
-    with no return-to-go and no history (n_layer hidden layers of width n_embd). It takes the same
-    inputs as the DT and predicts every step of a window on its own, so both train on the same
-    batches, loss and schedule, and evaluate.py rolls both out alike."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        self.cfg = cfg
-        layers, width = [], cfg.state_dim
-        for _ in range(cfg.n_layer):
-            layers += [nn.Linear(width, cfg.n_embd), nn.ReLU(), nn.Dropout(cfg.dropout)]
-            width = cfg.n_embd
-        self.net = nn.Sequential(*layers, nn.Linear(width, cfg.act_dim))
-
-    def forward(self, states, actions, returns_to_go, timesteps, mask=None):
-        return torch.tanh(self.net(states))
-
-    @torch.no_grad()
-    def get_action(self, states, actions, returns_to_go, timesteps, mask=None):
-        return self(states[:, -1], None, None, None)  # the last step is always a real one
-
-
-def build_model(cfg):
-    return {"dt": DecisionTransformer, "bc": BehaviourCloning, "iql": IQL}[cfg.kind](cfg)
 
 
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):

@@ -11,35 +11,31 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import RunError
+from tt import Planner, PlanSettings, TrajectoryTransformer
 from vecenv import make_envs
 
 
 @torch.no_grad()
 def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder=None, compile=False,
-            env_workers=1, record=None):
+            env_workers=1, record=None, planning=None):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`;
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
     the policy through torch.compile, on CUDA as CUDA graphs (one step's few dozen kernel
     launches replayed as one). It is off by default: compiling (about 30 s on a CPU) costs more
-    than it saves in one 1000-step rollout (README, Speed). `env_workers` processes step the
+    than it saves in one 1000-step rollout (docs/speed.md). `env_workers` processes step the
     environments (vecenv.py); a recorder needs its episode here, in one process. `record`, a
-    list, gets every step's raw observations (episodes, obs size) for pictures of the paths."""
+    list, gets every step's raw observations (episodes, obs size) for pictures of the paths. A
+    Trajectory Transformer plans instead (tt.Planner, with `planning`, a tt.PlanSettings)."""
     envs = make_envs(task, episodes, recorder, env_workers)
     check_env_matches(envs, task.env_id, model.cfg)
     device = next(model.parameters()).device
     norm = norm.to(device)
     max_steps = task.max_episode_steps or envs.spec.max_episode_steps or 1000
-    policy = model.get_action
-    if compile:
-        policy = torch.compile(policy, mode="reduce-overhead" if device.type == "cuda" else None)
-    # Each episode's last K steps, shifted one step left every step and left-padded (mask False)
-    # until K steps have passed, so the policy is called with the same shapes every time.
-    K, S, A = model.cfg.context_len, model.cfg.state_dim, model.cfg.act_dim
-    states = torch.zeros(episodes, K, S, device=device)
-    actions = torch.zeros(episodes, K, A, device=device)  # zeros: the not-yet-taken action
-    rtg = torch.zeros(episodes, K, 1, device=device)
-    real = torch.zeros(episodes, K, dtype=torch.bool, device=device)
+    if isinstance(model, TrajectoryTransformer):
+        policy = Planner(model, norm, episodes, planning or PlanSettings(), device)
+    else:
+        policy = WindowPolicy(model, norm, target, episodes, device, compile)
     returns = np.zeros(episodes)
     done = np.zeros(episodes, bool)
 
@@ -49,20 +45,12 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
         record.append(np.array(obs))
     if recorder:
         recorder.capture(envs.envs[0])
-    bar = tqdm(total=max_steps, desc=f"target {target:g}", leave=False, disable=not progress)
+    desc = "planning" if isinstance(policy, Planner) else f"target {target:g}"
+    bar = tqdm(total=max_steps, desc=desc, leave=False, disable=not progress)
     for t in range(max_steps):
-        if t > 0:
-            for window in (states, actions, rtg, real):
-                window.copy_(window.roll(-1, dims=1))
-            actions[:, -1] = 0.0
-        states[:, -1] = norm.states(torch.as_tensor(obs, dtype=torch.float32, device=device))
-        rtg[:, -1, 0] = torch.as_tensor(norm.return_to_go(target, returns), dtype=torch.float32)
-        real[:, -1] = True
-        # Absolute episode times of the window's steps; padded steps get 0, as in training.
-        timesteps = torch.arange(t - K + 1, t + 1, device=device).clamp(min=0).expand(episodes, K)
-        action = policy(states, actions, rtg, timesteps, real if t < K - 1 else None)
-        actions[:, -1] = action
+        action = policy.act(norm.states(torch.as_tensor(obs, dtype=torch.float32, device=device)), returns, t)
         obs, reward, terminated, truncated, _ = envs.step(action.float().cpu().numpy())
+        policy.observe(reward)
         returns += np.where(done, 0.0, reward)  # a finished episode stops counting
         if record is not None:
             record.append(np.array(obs))
@@ -75,6 +63,43 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     bar.close()
     envs.close()
     return returns
+
+
+class WindowPolicy:
+    """How the DT (and BC and IQL, which read only the last state) act: each episode's last K
+    steps, shifted one step left every step and left-padded (mask False) until K steps have
+    passed, so the policy is called with the same shapes every time; the return-to-go counts down
+    from the target."""
+
+    def __init__(self, model, norm, target, episodes, device, compile):
+        self.norm, self.target, self.device = norm, target, device
+        self.policy = model.get_action
+        if compile:
+            self.policy = torch.compile(self.policy, mode="reduce-overhead" if device.type == "cuda" else None)
+        K, S, A = model.cfg.context_len, model.cfg.state_dim, model.cfg.act_dim
+        self.states = torch.zeros(episodes, K, S, device=device)
+        self.actions = torch.zeros(episodes, K, A, device=device)  # zeros: the not-yet-taken action
+        self.rtg = torch.zeros(episodes, K, 1, device=device)
+        self.real = torch.zeros(episodes, K, dtype=torch.bool, device=device)
+
+    def act(self, states, returns, t):
+        """(E, S) normalized states, each episode's return so far, the step -> (E, A) actions."""
+        K = self.states.shape[1]
+        if t > 0:
+            for window in (self.states, self.actions, self.rtg, self.real):
+                window.copy_(window.roll(-1, dims=1))
+            self.actions[:, -1] = 0.0
+        self.states[:, -1] = states
+        self.rtg[:, -1, 0] = torch.as_tensor(self.norm.return_to_go(self.target, returns), dtype=torch.float32)
+        self.real[:, -1] = True
+        # Absolute episode times of the window's steps; padded steps get 0, as in training.
+        timesteps = torch.arange(t - K + 1, t + 1, device=self.device).clamp(min=0).expand(len(states), K)
+        action = self.policy(self.states, self.actions, self.rtg, timesteps, self.real if t < K - 1 else None)
+        self.actions[:, -1] = action
+        return action
+
+    def observe(self, rewards):
+        """The window holds returns-to-go, not rewards: nothing to add."""
 
 
 def check_env_matches(envs, env_id, cfg):

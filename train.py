@@ -15,8 +15,6 @@ checkpoint and exits.
 """
 import argparse
 import math
-import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -28,11 +26,13 @@ import torch
 import distributed
 import download
 import iql
-from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, check_same_data, claim_output,
-                        release_output, resolve_device, restore, resume_run, rng_state, save_checkpoint)
-from data import load_trajectories, sample_batch, sample_transitions
+import tt
+from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, check_same_data, claim_output,
+                        release_output, restore, resume_run, rng_state, save_checkpoint)
+from data import load_trajectories, sample_batch
 from datafiles import DataError
-from model import DTConfig, build_model, configure_optimizer
+from device import bf16_pays, compile_mode, compiles, resolve_device
+from model import DTConfig, configure_optimizer
 from rollout import rollout
 from runlog import Progress, mean_finite_loss, open_log
 from tasks import locomotion_task
@@ -84,11 +84,15 @@ class Recipe:
     bf16: bool = True    # may train under bf16 autocast
     after_step: Callable = None  # (model, args), after each optimizer step
     check: Callable = None       # (args) -> what is wrong with its settings, or None
+    transitions: bool = False    # needs the data's rewards and terminations step by step
+    prepare: Callable = None     # (data, args): what it makes of the data once (TT: tokens and bins)
+    config: Callable = None      # (args, data) -> its model's config; default model_config
+    describe: Callable = None    # (data) -> how it sees the rewards, for the data: line
 
 
 # The DT and BC: the DT paper's settings, batches of K-step windows, the actions' squared error.
 WINDOWS = dict(
-    defaults=dict(batch_size=64, lr=1e-3, n_layer=DTConfig.n_layer, n_embd=DTConfig.n_embd,
+    defaults=dict(batch_size=64, lr=1e-3, n_layer=DTConfig.n_layer, n_head=DTConfig.n_head, n_embd=DTConfig.n_embd,
                   dropout=DTConfig.dropout, weight_decay=1e-4, grad_clip=0.25),
     rows_per_sample=lambda args: args.context_len,
     sample=lambda data, args, gen: sample_batch(data, args.batch_size, args.context_len, gen),
@@ -105,11 +109,11 @@ MODELS = {
     # IQL: the IQL paper's MuJoCo settings (batch 256, Adam at 3e-4, 2 x 256 MLPs, no weight decay
     # or gradient clipping), single transitions, iql.iql_loss.
     "iql": Recipe(
-        defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_embd=256, dropout=0.0, weight_decay=0.0,
+        defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_head=1, n_embd=256, dropout=0.0, weight_decay=0.0,
                       grad_clip=None, **asdict(iql.IQLConfig())),
         settings=("n_layer", "n_embd", *iql.IQLConfig.__dataclass_fields__),
         rows_per_sample=lambda args: 1,
-        sample=lambda data, args, gen: sample_transitions(data, args.batch_size, gen),
+        sample=lambda data, args, gen: iql.sample_transitions(data, args.batch_size, gen),
         objective=lambda model, args, amp: iql.Objective(model, iql.config_from(args)),
         optimizer=lambda model, args: iql.configure_optimizer(model, args.lr),
         lr=iql.actor_lr,
@@ -117,7 +121,24 @@ MODELS = {
         # where bf16's 8 bits of mantissa would be noise.
         bf16=False,
         after_step=lambda model, args: model.update_targets(args.tau),
-        check=lambda args: iql.config_from(args).problem()),
+        check=lambda args: iql.config_from(args).problem(),
+        transitions=True,
+        describe=lambda data: f"rewards x {data.iql_reward_scale:.4g}"),
+    # TT: the paper's settings (4 layers, 4 heads, 128 wide, AdamW at 6e-4 with weight decay 0.1,
+    # gradient clipping 1.0, batch 256), windows of 10 transitions as tokens, tt.weighted_token_loss.
+    "tt": Recipe(
+        defaults=dict(batch_size=256, lr=6e-4, n_layer=4, n_head=4, n_embd=128, dropout=0.1, weight_decay=0.1,
+                      grad_clip=1.0),
+        settings=("n_layer", "n_head", "n_embd", "dropout", "weight_decay", "grad_clip"),
+        rows_per_sample=lambda args: tt.TTConfig.n_transitions,
+        sample=lambda data, args, gen: tt.sample_windows(data.tokens, data.tt_config, args.batch_size, gen),
+        objective=lambda model, args, amp: tt.Objective(model, amp),
+        optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, 0.95)),
+        lr=get_lr,
+        transitions=True,
+        prepare=tt.prepare,
+        config=lambda args, data: data.tt_config,
+        describe=tt.describe),
 }
 # The flags every model reads; the others belong to the models whose `settings` name them.
 COMMON = ("data", "env", "model", "epochs", "max_steps", "batch_size", "lr", "reward_mode", "top_pct",
@@ -131,17 +152,17 @@ def parse_args(argv=None):
                                   f"data/NAME.hdf5 is downloaded)")
     p.add_argument("--env", help="gymnasium env id (default: from the data file)")
     p.add_argument("--model", default="dt", choices=list(MODELS),
-                   help="dt: Decision Transformer; the baselines bc: behaviour cloning (state -> action), "
-                        "iql: Implicit Q-Learning (value-based offline RL)")
+                   help="dt: Decision Transformer; tt: Trajectory Transformer (plans with beam search); the "
+                        "baselines bc: behaviour cloning (state -> action), iql: Implicit Q-Learning")
     p.add_argument("--epochs", type=float, default=120)
     p.add_argument("--max-steps", type=int, help="train this many steps instead of --epochs")
-    p.add_argument("--batch-size", type=int, help="default 64; 256 for iql")
-    p.add_argument("--lr", type=float, help="default 1e-3; 3e-4 for iql")
-    p.add_argument("--weight-decay", type=float, help="default 1e-4; 0 for iql")
-    p.add_argument("--grad-clip", type=float, help="default 0.25; none for iql")
+    p.add_argument("--batch-size", type=int, help="default 64; 256 for iql and tt")
+    p.add_argument("--lr", type=float, help="default 1e-3; 3e-4 for iql, 6e-4 for tt")
+    p.add_argument("--weight-decay", type=float, help="default 1e-4; 0 for iql, 0.1 for tt")
+    p.add_argument("--grad-clip", type=float, help="default 0.25; none for iql, 1 for tt")
     p.add_argument("--context-len", type=int, default=DTConfig.context_len)
-    p.add_argument("--n-layer", type=int, help="default 3; 2 for iql")
-    p.add_argument("--n-head", type=int, default=DTConfig.n_head)
+    p.add_argument("--n-layer", type=int, help="default 3; 2 for iql, 4 for tt")
+    p.add_argument("--n-head", type=int, help="default 1; 4 for tt")
     p.add_argument("--n-embd", type=int, help="default 128; 256 for iql")
     p.add_argument("--dropout", type=float, help="default 0.1; 0 for iql")
     p.add_argument("--expectile", type=float, help="iql: the expectile V is fitted to (default 0.7)")
@@ -190,36 +211,9 @@ def model_config(args, data):
 
 
 def use_bf16(args, device):
-    """Train under bf16 autocast unless --no-amp or the model keeps to fp32 (IQL). It speeds up the
-    matmuls on CUDA and on CPUs with bf16 arithmetic (AVX512-BF16, AMX: 1.45x per training step on
-    a 2-core Zen 4); any other CPU would emulate it, slower than fp32."""
-    if args.no_amp or not MODELS[args.model].bf16:
-        return False
-    if device.startswith("cuda"):
-        return True
-    get_capabilities = getattr(torch.cpu, "get_capabilities", None)  # absent from older torch: fp32
-    caps = get_capabilities() if get_capabilities else {}
-    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
-
-
-def compiles(args, device):
-    """--compile, or by default: on CUDA, where the step is launch-bound; off on a CPU, where
-    it measured slower for the DT (docs/speed.md). On a CPU torch.compile builds its kernels
-    with a C++ compiler: without one it would fail deep inside its first step."""
-    wanted = args.compile if args.compile is not None else device.startswith("cuda")
-    if wanted and not device.startswith("cuda") and not shutil.which(os.environ.get("CXX", "g++")):
-        raise RunError("--compile on a CPU needs a C++ compiler (g++, or the one $CXX names) to build "
-                       "its kernels: install one, or leave out --compile")
-    return wanted
-
-
-def compile_mode(device):
-    """On CUDA in one process, "reduce-overhead": a training step is hundreds of small kernels whose
-    launches set the pace, and replaying them as CUDA graphs trained a whole 120-epoch run on an
-    H200 at 243 steps/s against the default mode's 126 (docs/speed.md). Under torchrun, the default
-    mode: CUDA graphs together with DDP's gradient hooks are unmeasured here and have had known
-    crashes (pytorch/pytorch#128218). On a CPU there are no graphs to replay."""
-    return "reduce-overhead" if device.startswith("cuda") and not torch.distributed.is_initialized() else None
+    """bf16 autocast unless --no-amp, or the model keeps to fp32 (IQL), or the device would only
+    emulate bf16 (device.bf16_pays)."""
+    return not args.no_amp and MODELS[args.model].bf16 and bf16_pays(device)
 
 
 def setup_training(cfg, args, device):
@@ -233,7 +227,7 @@ def setup_training(cfg, args, device):
     amp = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
                          enabled=use_bf16(args, device))
     objective = recipe.objective(model, args, amp)
-    if compiles(args, device):
+    if compiles(args.compile, device):
         objective = torch.compile(objective, mode=compile_mode(device))
     return model, distributed.wrap(objective, device), optimizer
 
@@ -275,11 +269,13 @@ def main(argv=None):
         if saved:
             check_same_data(saved, data, task.env_id, args)
         data.to(device)  # the whole dataset lives on the training device; batches never cross the bus
+        if recipe.prepare:
+            recipe.prepare(data, args)
         steps_per_epoch = math.ceil(data.num_steps / (args.batch_size * recipe.rows_per_sample(args) * world))
         total_steps = args.max_steps or max(1, round(args.epochs * steps_per_epoch))
         target = args.target if args.target is not None else task.default_target
 
-        cfg = model_config(args, data)
+        cfg = (recipe.config or model_config)(args, data)
         model, objective, optimizer = setup_training(cfg, args, device)
         gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process its own batches
         start_step, elapsed_before = restore(saved, model, optimizer, gen, args, rank) if saved else (0, 0.0)
@@ -379,7 +375,7 @@ def load_data(args):
     file says (a maze's eval_env_spec, a D4RL file's name)."""
     path = download.locate(args.data)  # minari:ID, hf:CONFIG and missing D4RL files are fetched
     data, task = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode,
-                                   top_pct=args.top_pct, transitions=MODELS[args.model].rows_per_sample(args) == 1)
+                                   top_pct=args.top_pct, transitions=MODELS[args.model].transitions)
     if args.env:
         task = locomotion_task(args.env)
     if task is None:
@@ -393,8 +389,8 @@ def describe_data(args, data, task, device):
     if data.relabelled_goal:
         x, y = data.relabelled_goal
         delayed += f", rewards relabelled against the evaluation goal ({x:g}, {y:g}) as D4RL's maze2d"
-    scale = (f"rewards x {data.iql_reward_scale:.4g}" if data.iql_reward_scale is not None
-             else f"returns-to-go / {data.norm.reward_scale:g}")
+    describe = MODELS[args.model].describe
+    scale = describe(data) if describe else f"returns-to-go / {data.norm.reward_scale:g}"
     precision = "bf16 autocast" if use_bf16(args, device) else "fp32"
     return (f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes{kept}, "
             f"mean return {data.episode_returns.mean():.1f}{delayed}; {scale}; env {task.env_id}; "

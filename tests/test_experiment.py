@@ -15,7 +15,8 @@ def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys
     assert len(names) == len(set(names))
     for body in experiment.STUDIES["medium-expert"]:
         for method, seeds in (("dt-dense", 3), ("iql-dense", 3), ("dt-delayed", 2), ("iql-delayed", 2),
-                              ("bc-dense", 3), ("bc10-dense", 3), ("bc-delayed", 0), ("bc10-delayed", 0)):
+                              ("bc-dense", 3), ("bc10-dense", 3), ("bc-delayed", 0), ("bc10-delayed", 0),
+                              ("tt-dense", 2), ("tt-delayed", 0)):
             assert sum(n.startswith(f"{body}-{method}-s") for n in names) == seeds, (body, method)
     for maze in experiment.STUDIES["maze2d"]:  # every method, 3 seeds, the file's own sparse rewards
         for method in ("dt", "bc", "bc10", "iql"):

@@ -18,7 +18,7 @@ import train
 from checkpoint import load_checkpoint
 from data import load_trajectories
 from datafiles import DataError
-from model import DTConfig, build_model
+from model import DecisionTransformer, DTConfig
 
 from conftest import assert_one_line_error, mutated_copies, run_cli
 
@@ -57,7 +57,7 @@ def test_the_evaluation_comes_from_the_file_and_the_policy_sees_the_observation_
     assert tasks.maze_goal(task.env_kwargs) == [-1.0, 1.0]
     # Sparse rewards get their own scale: the DT's returns-to-go / 100, not / 1000.
     assert data.norm.reward_scale == 100.0
-    model = build_model(DTConfig(state_dim=4, act_dim=2, context_len=4, n_layer=1, n_embd=16)).eval()
+    model = DecisionTransformer(DTConfig(state_dim=4, act_dim=2, context_len=4, n_layer=1, n_embd=16)).eval()
     seen = []
     returns = rollout.rollout(model, data.norm, task, 50.0, 3, progress=False, record=seen)
     # The file's horizon, not the env's registered one (300), and (x, y, vx, vy) of each episode.
@@ -93,16 +93,16 @@ def test_the_stitching_measure_counts_cells_and_episodes_by_hand(tmp_path):
 def test_the_maze_pictures_are_drawn(tmp_path):
     pytest.importorskip("matplotlib")
     data = write_maze(tmp_path / "maze.hdf5")
-    for model in ("dt", "iql"):
-        train.main(["--data", str(data), "--model", model, "--max-steps", "2", "--batch-size", "8", "--n-layer", "1",
-                    "--n-embd", "16", "--out", str(tmp_path / f"{model}.pt")] + (["--context-len", "4"] if model == "dt" else []))
-    mazes.main(["paths", str(tmp_path / "dt.pt"), str(tmp_path / "iql.pt"), "--episodes", "2", "--out", str(tmp_path / "p.png")])
-    mazes.main(["values", str(tmp_path / "iql.pt"), "--data", str(data), "--out", str(tmp_path / "v.png")])
-    mazes.main(["targets", str(tmp_path / "dt.pt"), "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "t.png")])
+    dt, iql, size = str(tmp_path / "dt.pt"), str(tmp_path / "iql.pt"), ["--batch-size", "8", "--n-layer", "1", "--n-embd", "16"]
+    train.main(["--data", str(data), "--max-steps", "2", *size, "--context-len", "4", "--out", dt])
+    train.main(["--data", str(data), "--model", "iql", "--max-steps", "2", *size, "--out", iql])
+    mazes.main(["paths", dt, iql, "--episodes", "2", "--out", str(tmp_path / "p.png")])
+    mazes.main(["values", iql, "--data", str(data), "--out", str(tmp_path / "v.png")])
+    mazes.main(["targets", dt, "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "t.png")])
     for name in ("p", "v", "t"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert_one_line_error(run_cli("mazes.py", "values", str(tmp_path / "dt.pt"), "--data", str(data), "--out",
-                                  str(tmp_path / "x.png")), "has no value function")
+    assert_one_line_error(run_cli("mazes.py", "values", dt, "--data", str(data), "--out", str(tmp_path / "x.png")),
+                          "has no value function")
 
 
 def test_the_normalized_score_uses_the_files_reference_returns():

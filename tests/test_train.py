@@ -10,14 +10,17 @@ import pytest
 import torch
 
 import checkpoint
+import device
 import evaluate
 import tasks
 import train
 from checkpoint import CheckpointError, RunError
 from data import load_trajectories, sample_batch
-from model import BehaviourCloning, DecisionTransformer
+from bc import BehaviourCloning
+from model import DecisionTransformer
 
-from conftest import HERE, TINY, assert_one_line_error, assert_usage_error, edited_checkpoint, needs_compiler, random_window, run_cli, write_d4rl
+from conftest import (HERE, TINY, assert_one_line_error, assert_usage_error, edited_checkpoint,
+                      needs_compiler, random_window, run_cli, write_d4rl)
 
 
 def test_behaviour_cloning_baseline_trains_saves_and_evaluates(tmp_path, capsys):
@@ -105,10 +108,10 @@ def test_a_compiled_forward_gives_the_eager_loss_and_gradients(tmp_path):
 
 
 def test_one_gpu_compiles_to_cuda_graphs_but_torchrun_and_the_cpu_do_not(monkeypatch):
-    assert train.compile_mode("cpu") is None  # no graphs to replay on a CPU
-    assert train.compile_mode("cuda") == "reduce-overhead"
+    assert device.compile_mode("cpu") is None  # no graphs to replay on a CPU
+    assert device.compile_mode("cuda") == "reduce-overhead"
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    assert train.compile_mode("cuda:1") is None  # DDP's gradient hooks: the default mode
+    assert device.compile_mode("cuda:1") is None  # DDP's gradient hooks: the default mode
 
 
 def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, capsys):
@@ -122,13 +125,13 @@ def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, cap
 
 def test_compile_without_a_cpp_compiler_is_one_line_not_a_deep_inductor_error(tmp_path, monkeypatch):
     data = write_d4rl(tmp_path / "halfcheetah-cc.hdf5", [50] * 4)
-    monkeypatch.setattr(train.shutil, "which", lambda name: None)
+    monkeypatch.setattr(device.shutil, "which", lambda name: None)
     with pytest.raises(RunError, match=r"--compile on a CPU needs a C\+\+ compiler"):
         train.main(["--data", str(data), "--max-steps", "2", *TINY, "--compile", "--out", str(tmp_path / "c.pt")])
     assert not (tmp_path / "c.pt").exists()
 
 
-@pytest.mark.parametrize("model", ["dt", "iql", pytest.param("dt-compiled", marks=needs_compiler),
+@pytest.mark.parametrize("model", ["dt", "iql", "tt", pytest.param("dt-compiled", marks=needs_compiler),
                                    pytest.param("iql-compiled", marks=needs_compiler)])
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
@@ -136,7 +139,8 @@ def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     # target networks and its actor's learning-rate schedule must come back too; a compiled
     # forward must give the same steps after a restart as before it.
     iql_size = ["--model", "iql", "--batch-size", "8", "--n-embd", "16"]
-    size = {"dt": TINY, "dt-compiled": [*TINY, "--compile"], "iql": iql_size, "iql-compiled": [*iql_size, "--compile"]}
+    size = {"dt": TINY, "dt-compiled": [*TINY, "--compile"], "iql": iql_size, "iql-compiled": [*iql_size, "--compile"],
+            "tt": ["--model", "tt", "--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "16"]}
     run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size[model]]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"
     train.main(run + ["--out", str(straight)])

@@ -1,0 +1,418 @@
+"""
+The Trajectory Transformer (Janner, Li and Levine 2021, arXiv:2106.02039), written out by hand: a
+GPT over whole transitions, every dimension a discrete token, that *plans* with beam search
+instead of imitating a target return (`python train.py --model tt`).
+
+Each dimension of a transition (state, action, reward, value) is cut into N = 100 bins at its
+quantiles in the data, so a transition of S + A + 2 numbers is S + A + 2 tokens, each from its
+dimension's own vocabulary of N bins plus a termination token. The model reads them in order and
+predicts each token from the ones before it, like a language model:
+
+    token:     s_1^1 .. s_1^S  a_1^1 .. a_1^A  r_1  V_1  s_2^1 .. s_2^S  a_2^1 ..
+    predicts:  s_1^2 ..  a_1^1 a_1^2 ..  r_1   V_1  s_2^1 s_2^2 ..        a_2^2 ..
+    V_t = r_{t+1} + γ r_{t+2} + γ² r_{t+3} + ..., what the rest of the episode earns
+
+No token may look at a V token: inside the data V is a label to predict, and when planning the
+context's V are unknown (the paper masks them too). After a true termination (a body that fell)
+every token is the termination token, and the falling step's reward is -100 (the paper's
+termination penalty), so a predicted fall looks like what it costs.
+
+Planning (Planner, beam search as in the paper): from the last few real transitions and the
+current state, each beam is expanded, its next action sampled token by token from the most
+likely tokens that hold 40% of the probability (cdf 0.6), its reward and value read off as
+expectations over their bins, its next state the most likely tokens. The beams with the highest
+sum of predicted rewards plus discounted value are kept, and the agent takes the first action of
+the best plan, re-planning every step. A key/value cache makes each generated token one token's
+work, all episodes' beams in one batch.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Block
+
+TERMINATION_PENALTY = -100.0  # the paper's reward for the step that ends an episode by falling
+
+
+@dataclass
+class TTConfig:
+    kind: str = "tt"
+    state_dim: int = 11
+    act_dim: int = 3
+    n_bins: int = 100          # N, per dimension
+    n_transitions: int = 10    # transitions in a training window (the paper's sequence length)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.1
+    action_weight: float = 5.0  # the paper weighs the action tokens' loss by 5
+    discount: float = 0.99      # gamma of V
+
+    @property
+    def transition_dim(self):
+        return self.state_dim + self.act_dim + 2
+
+
+class Discretizer:
+    """Per-dimension quantile bins: N + 1 edges at evenly spaced quantiles of the data, so every
+    bin holds about as many of the data's values. A value is encoded as the bin it falls in, and
+    decoded as that bin's midpoint, at most half a bin width away."""
+
+    def __init__(self, edges):
+        self.edges = torch.as_tensor(edges, dtype=torch.float32)  # (N + 1, D)
+
+    @classmethod
+    def fit(cls, values, n_bins):
+        """values (rows, D) -> bins at the quantiles 0, 1/N, ..., 1 of each column."""
+        ordered = np.sort(np.asarray(values, np.float64), axis=0)
+        picks = np.linspace(0, len(ordered) - 1, n_bins + 1).round().astype(int)
+        return cls(ordered[picks])
+
+    @property
+    def n_bins(self):
+        return self.edges.shape[0] - 1
+
+    def encode(self, x, dims=slice(None)):
+        """(..., d) values -> (..., d) bin indices in [0, N), for the dimensions `dims`."""
+        edges = self.edges[:, dims].to(x.device)
+        inner = edges[1:-1].T.contiguous()  # (d, N - 1): a value above k inner edges is in bin k
+        flat = x.reshape(-1, inner.shape[0]).T.contiguous()
+        bins = torch.searchsorted(inner, flat, right=True).T
+        return bins.reshape(x.shape)
+
+    def centres(self, dims=slice(None)):
+        """(N, d) midpoints of the bins."""
+        edges = self.edges[:, dims]
+        return (edges[1:] + edges[:-1]) / 2
+
+    def decode(self, bins, dims=slice(None)):
+        """(..., d) bin indices -> (..., d) values, each its bin's midpoint (a termination token
+        decodes as the last bin)."""
+        centres = self.centres(dims).to(bins.device)
+        return centres[bins.clamp(max=self.n_bins - 1), torch.arange(centres.shape[1], device=bins.device)]
+
+
+def attention_mask(length, transition_dim, device, offset=0):
+    """(length_q, length_k) bool, True where a query may look: earlier-or-equal positions, never a
+    V token (the last of each transition). Positions count from the window's first token, which is
+    always a transition's first state token; the queries are the last `length - offset`."""
+    pos = torch.arange(length, device=device)
+    causal = pos[offset:, None] >= pos[None, :]
+    return causal & (pos % transition_dim != transition_dim - 1)[None, :]
+
+
+class TrajectoryTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, V = cfg.transition_dim, cfg.n_bins + 1  # the vocabulary of a dimension: N bins, termination
+        self.block_size = cfg.n_transitions * D
+        # Each dimension its own slice of one embedding table, and its own output head.
+        self.embed_token = nn.Embedding(D * V, cfg.n_embd)
+        self.embed_position = nn.Parameter(torch.zeros(self.block_size, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Parameter(torch.randn(D, cfg.n_embd, V) * 0.02)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear):
+                nn.init.zeros_(module.bias)
+
+    def embed(self, tokens, start):
+        """(B, T) tokens whose first is at window position `start` -> (B, T, C)."""
+        T, D = tokens.shape[1], self.cfg.transition_dim
+        dim = (torch.arange(start, start + T, device=tokens.device) % D)
+        x = self.embed_token(tokens + dim * (self.cfg.n_bins + 1)) + self.embed_position[start:start + T]
+        return self.drop(x)
+
+    def logits(self, x, start):
+        """Hidden states (B, T, C) at positions start.. -> (B, T, N + 1): each position through the
+        head of the dimension it predicts, the next token's. Position p predicts dimension
+        (p + 1) % D, so after (start + 1) % D blank positions in front every row of D positions
+        lines up with the D heads: one batched matmul, with no indexing into the heads (whose
+        backward would add up gradients in a thread-dependent order)."""
+        B, T, C = x.shape
+        D = self.cfg.transition_dim
+        front = (start + 1) % D
+        back = -(front + T) % D
+        x = F.pad(self.ln_f(x), (0, 0, front, back))               # (B, front + T + back, C)
+        logits = torch.einsum("bndc,dcv->bndv", x.view(B, -1, D, C), self.head)
+        return logits.reshape(B, -1, logits.shape[-1])[:, front:front + T]
+
+    def forward(self, tokens):
+        """(B, T) tokens of a window that starts at a transition -> logits (B, T, N + 1)."""
+        x = self.embed(tokens, 0)
+        mask = attention_mask(tokens.shape[1], self.cfg.transition_dim, tokens.device)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.logits(x, 0)
+
+    @torch.no_grad()
+    def extend(self, tokens, cache=None):
+        """Feed (B, T) more tokens after those in `cache` (a KVCache; None starts a window) and
+        return their logits (B, T, N + 1) and the cache, which now holds them too. The same
+        numbers as forward() on the whole window, for one pass over the new tokens only."""
+        cache = cache or KVCache(self, tokens.shape[0], tokens.device)
+        start, end = cache.length, cache.length + tokens.shape[1]
+        x = self.embed(tokens, start)
+        mask = attention_mask(end, self.cfg.transition_dim, tokens.device, offset=start)
+        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+            attn = block.attn
+            B, T, C = x.shape
+            q, k, v = attn.qkv(block.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
+            keys[:, :, start:end], values[:, :, start:end] = k, v  # written in place, never copied
+            # Attention written out: for a token or two against a window of cached keys, the fused
+            # kernel's set-up costs more than the arithmetic (3x slower here on a CPU).
+            scores = (q @ keys[:, :, :end].transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ values[:, :, :end]
+            x = x + attn.proj(y.transpose(1, 2).reshape(B, T, C))
+            x = x + block.mlp(block.ln_2(x))
+        cache.length = end
+        return self.logits(x, start), cache
+
+
+class KVCache:
+    """Every layer's keys and values for a batch of token sequences, (B, heads, window, head size)
+    buffers the length of the model's window, filled up to `length`: a new token writes its row,
+    and nothing already there is copied."""
+
+    def __init__(self, model, batch, device):
+        cfg = model.cfg
+        shape = (batch, cfg.n_head, model.block_size, cfg.n_embd // cfg.n_head)
+        self.keys = [torch.zeros(shape, device=device) for _ in model.blocks]
+        self.values = [torch.zeros(shape, device=device) for _ in model.blocks]
+        self.length = 0
+
+    def take(self, rows):
+        """Keep (and repeat) the sequences `rows`, a (B',) index."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+
+
+def weighted_token_loss(logits, targets, mask, cfg):
+    """Cross-entropy of every predicted token, the action tokens weighted by cfg.action_weight,
+    averaged over the tokens the mask keeps. logits (B, T, N + 1); targets and mask (B, T), the
+    target at position t being token t + 1."""
+    D = cfg.transition_dim
+    dim = torch.arange(1, targets.shape[1] + 1, device=targets.device) % D
+    weight = torch.where((dim >= cfg.state_dim) & (dim < cfg.state_dim + cfg.act_dim), cfg.action_weight, 1.0)
+    ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+    m = mask.to(ce.dtype)
+    return (ce * weight * m).sum() / m.sum()
+
+
+class Objective(nn.Module):
+    """TT's training forward: a batch of token windows in, weighted_token_loss out; under `amp`
+    for the matmuls, the loss in fp32."""
+
+    def __init__(self, model, amp):
+        super().__init__()
+        self.model, self.amp = model, amp
+
+    def forward(self, inputs, targets, mask):
+        with self.amp:
+            logits = self.model(inputs)
+        return weighted_token_loss(logits.float(), targets, mask, self.model.cfg)
+
+
+# --- the data: transitions as tokens ------------------------------------------------------------
+
+@dataclass
+class TokenData:
+    tokens: torch.Tensor       # (N, D) int64 bins of (s, a, r, V) of every step
+    last: torch.Tensor         # (N,) int64, flat index of the last step of the step's episode
+    terminal_end: torch.Tensor  # (N,) bool, whether that episode ended by a true termination
+
+    def to(self, device):
+        return TokenData(self.tokens.to(device), self.last.to(device), self.terminal_end.to(device))
+
+
+def transitions_table(data, discount):
+    """(rows (N, D) float64 of (s, a, r, V), last index (N,), terminal end (N,)) of Trajectories
+    loaded with transitions=True. r: the reward as trained on (dense or delayed), the falling step's
+    replaced by TERMINATION_PENALTY; V_t: the discounted sum of the episode's rewards after t."""
+    states, actions = data.states.cpu().numpy(), data.actions.cpu().numpy()
+    start = data.episode_start.cpu().numpy()
+    n = len(start)
+    episode_last = np.flatnonzero(np.r_[start[1:] != start[:-1], True])
+    last = episode_last[np.searchsorted(episode_last, np.arange(n))]
+    fell = data.falls.cpu().numpy()
+    rewards = np.where(fell, TERMINATION_PENALTY, data.step_rewards.cpu().numpy().astype(np.float64))
+    value = np.zeros(n)
+    for i in range(n - 2, -1, -1):  # once at load time
+        if last[i] != i:
+            value[i] = rewards[i + 1] + discount * value[i + 1]
+    rows = np.concatenate([states, actions, rewards[:, None], value[:, None]], axis=1)
+    return rows, last, fell[last]
+
+
+def tokenize(data, cfg):
+    """Trajectories (transitions=True) -> (TokenData, the Discretizer fitted on them)."""
+    rows, last, terminal_end = transitions_table(data, cfg.discount)
+    discretizer = Discretizer.fit(rows, cfg.n_bins)
+    tokens = discretizer.encode(torch.as_tensor(rows, dtype=torch.float32))
+    return TokenData(tokens, torch.as_tensor(last), torch.as_tensor(terminal_end)), discretizer
+
+
+def describe(data):
+    """The data: line's word on how TT sees the data."""
+    return (f"{data.tt_config.n_bins} bins a dimension, {data.tt_config.transition_dim} tokens a transition, "
+            f"reward {TERMINATION_PENALTY:g} for a fall")
+
+
+def prepare(data, args):
+    """train.py's hook, once before training: the model's config, the data as tokens, and the bins,
+    which go into the data's normalization since every rollout must encode with them."""
+    data.tt_config = TTConfig(state_dim=data.state_dim, act_dim=data.act_dim, n_layer=args.n_layer,
+                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    tokens, discretizer = tokenize(data, data.tt_config)
+    data.tokens = tokens.to(data.states.device)
+    data.norm.bins = discretizer.edges.to(data.states.device)
+
+
+def sample_windows(tokens, cfg, batch_size, generator=None):
+    """A batch of n_transitions-step windows of tokens, each starting at a uniformly drawn step.
+    Rows past the episode's end are termination tokens: trained on where
+    the episode truly ended, masked out where the time limit cut it (it would have gone on).
+    Returns (inputs, targets, mask), each (B, n_transitions * D - 1)."""
+    device, N, D, K = tokens.tokens.device, cfg.n_bins, cfg.transition_dim, cfg.n_transitions
+    first = torch.randint(0, len(tokens.last), (batch_size,), device=device, generator=generator)
+    idx = first[:, None] + torch.arange(K, device=device)        # (B, K)
+    beyond = idx > tokens.last[first][:, None]
+    rows = tokens.tokens[idx.clamp(max=len(tokens.last) - 1)]      # (B, K, D)
+    rows = torch.where(beyond[..., None], N, rows).flatten(1)
+    keep = (~beyond | tokens.terminal_end[first][:, None]).repeat_interleave(D, dim=1)
+    return rows[:, :-1], rows[:, 1:], keep[:, 1:]
+
+
+# --- planning -----------------------------------------------------------------------------------
+
+@dataclass
+class PlanSettings:
+    """The paper's planning settings (its defaults; it uses horizon 5 for HalfCheetah and Walker2d)."""
+    horizon: int = 15      # transitions imagined ahead
+    beam_width: int = 128  # plans kept after every transition
+    n_expand: int = 2      # continuations sampled from each kept plan
+    cdf_act: float = 0.6   # actions come from the most likely tokens that hold the top 40%
+    context: int = 5       # real transitions before the current state that a plan starts from
+
+
+def top_of_distribution(logits, cdf):
+    """Logits with every token outside the most likely ones that together hold (1 - cdf) of the
+    probability set to -inf: sampling stays among the plausible actions."""
+    probs = logits.softmax(-1)
+    ordered, _ = probs.sort(-1)  # ascending
+    below = ordered.cumsum(-1) < cdf  # the unlikely tail that holds less than `cdf`
+    threshold = torch.where(below, ordered, 0.0).max(-1, keepdim=True).values
+    likeliest = probs == probs.max(-1, keepdim=True).values  # never masked, whatever the ties
+    return logits.masked_fill((probs <= threshold) & ~likeliest, -math.inf)
+
+
+class Search:
+    """Token sequences being generated side by side, each with its key/value cache. When a sequence
+    would outgrow the model's window, its oldest whole transitions are dropped and the cache is
+    refilled from the rest: the window always starts at a transition's first token, as in training."""
+
+    def __init__(self, model, prefix, context):
+        self.model, self.context = model, context
+        self.seq = prefix
+        self.logits, self.cache = self._refill()
+
+    def _refill(self):
+        D = self.model.cfg.transition_dim
+        keep = self.seq.shape[1] % D + self.context * D  # the last `context` transitions and the partial one
+        logits, cache = self.model.extend(self.seq[:, -keep:] if self.seq.shape[1] > keep else self.seq)
+        return logits[:, -1], cache
+
+    def append(self, tokens):
+        """(B,) tokens appended to every sequence; self.logits becomes the next token's."""
+        self.seq = torch.cat((self.seq, tokens[:, None]), dim=1)
+        if self.cache.length + 1 > self.model.block_size:
+            self.logits, self.cache = self._refill()
+        else:
+            logits, self.cache = self.model.extend(tokens[:, None], self.cache)
+            self.logits = logits[:, -1]
+
+    def keep(self, rows):
+        """Keep (and repeat) the sequences `rows` (a (B',) index), with their caches."""
+        self.seq, self.logits = self.seq[rows], self.logits[rows]
+        self.cache.take(rows)
+
+
+@torch.no_grad()
+def plan(model, disc, prefix, settings, generator=None):
+    """Beam search from `prefix` (E, L): each episode's last real transitions and its current state
+    as tokens. Returns (E, A) action tokens, the first action of each episode's best plan, and
+    (E, H + 1) that plan's predicted rewards, with its final value last."""
+    cfg = model.cfg
+    E, S, A, N = prefix.shape[0], cfg.state_dim, cfg.act_dim, cfg.n_bins
+    W, X, H = settings.beam_width, settings.n_expand, settings.horizon
+    centres = disc.centres().to(prefix.device)  # (N, D)
+    discounts = cfg.discount ** torch.arange(H + 1, device=prefix.device, dtype=torch.float32)
+    search = Search(model, prefix.repeat_interleave(W, dim=0), settings.context)
+    rewards = torch.zeros(E * W, H + 1, device=prefix.device)
+    for h in range(H):
+        # Expand every kept plan into X continuations: rows stay grouped by episode.
+        search.keep(torch.arange(E * W, device=prefix.device).repeat_interleave(X))
+        rewards = rewards.repeat_interleave(X, dim=0)
+        for _ in range(A):
+            probs = top_of_distribution(search.logits.float(), settings.cdf_act).softmax(-1)
+            search.append(torch.multinomial(probs, 1, generator=generator).squeeze(-1))
+        # Reward and value: their expectations over the bins (the termination token's share adds
+        # nothing), and the most likely token goes into the sequence.
+        for slot, dim in ((h, S + A), (h + 1, S + A + 1)):
+            probs = search.logits.float().softmax(-1)
+            rewards[:, slot] = probs[:, :N] @ centres[:, dim]
+            search.append(probs.argmax(-1))
+        # Keep the W plans per episode with the highest discounted sum of rewards plus final value.
+        score = (rewards * discounts).sum(-1).view(E, W * X)
+        best = score.topk(W, dim=1).indices + torch.arange(E, device=prefix.device)[:, None] * W * X
+        search.keep(best.flatten())
+        rewards = rewards[best.flatten()]
+        if h < H - 1:  # the next state: its most likely tokens
+            for _ in range(S):
+                search.append(search.logits.argmax(-1))
+    # The best plan of each episode is its first row: topk returns them in descending order.
+    best_rows = torch.arange(E, device=prefix.device) * W
+    start = prefix.shape[1]
+    return search.seq[best_rows, start:start + A], rewards[best_rows]
+
+
+class Planner:
+    """rollout.py's policy for a TT checkpoint: every step, one plan per episode from its last
+    `settings.context` real transitions (tokens of state, action, reward, and a placeholder V,
+    which no token looks at) and its current state."""
+
+    def __init__(self, model, norm, episodes, settings, device):
+        self.model, self.norm, self.settings = model, norm, settings
+        self.disc = Discretizer(norm.bins)
+        self.history = torch.zeros(episodes, 0, dtype=torch.long, device=device)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        self.predicted = []  # each step's best plans' predicted rewards (E, H + 1), for analysis
+
+    def act(self, states, returns, t):
+        """(E, S) normalized states -> (E, A) actions (a plan has no use for the returns so far)."""
+        self.states = self.disc.encode(states, slice(0, self.model.cfg.state_dim))
+        prefix = torch.cat((self.history, self.states), dim=1)
+        actions, predicted = plan(self.model, self.disc, prefix, self.settings, self.generator)
+        self.predicted.append(predicted.cpu())
+        self.actions = actions
+        S, A = self.model.cfg.state_dim, self.model.cfg.act_dim
+        return self.disc.decode(actions, slice(S, S + A))
+
+    def observe(self, rewards):
+        """The rewards (E,) the last actions earned: the step joins the history."""
+        S, A = self.model.cfg.state_dim, self.model.cfg.act_dim
+        r = self.disc.encode(torch.as_tensor(rewards, dtype=torch.float32, device=self.states.device)[:, None],
+                             slice(S + A, S + A + 1))
+        placeholder = torch.full_like(r, self.model.cfg.n_bins - 1)
+        step = torch.cat((self.states, self.actions, r, placeholder), dim=1)
+        D = self.model.cfg.transition_dim
+        self.history = torch.cat((self.history, step), dim=1)[:, -self.settings.context * D:]
