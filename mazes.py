@@ -108,7 +108,10 @@ def episode_paths(ckpt_path, episodes, target=None):
     seen = []
     returns = rollout(model, norm, task, task.default_target if target is None else target, episodes,
                       progress=False, record=seen)
-    return np.stack(seen)[..., :2], returns, task, model.cfg.kind
+    label = model.cfg.kind.upper()
+    if ckpt.get("step", 0) < ckpt.get("total_steps", 0):  # a run still training: say how far it is
+        label += f", step {ckpt['step']:,} of {ckpt['total_steps']:,}"
+    return np.stack(seen)[..., :2], returns, task, label
 
 
 def draw_paths(ax, maze, paths, returns):
@@ -126,8 +129,9 @@ def figure_paths(ckpts, out, episodes):
         maze = Maze(task)
         maze.draw(ax)
         draw_paths(ax, maze, paths, returns)
-        ax.set_title(f"{kind.upper()} ({Path(ckpt).stem}): {task.normalized_score(returns.mean()):.1f}", fontsize=9)
-    fig.suptitle(f"{episodes} evaluation episodes each, the same starts (dots); colour: the episode's return")
+        ax.set_title(f"{Path(ckpt).stem} ({kind}): {task.normalized_score(returns.mean()):.1f}", fontsize=9)
+    fig.suptitle(f"{episodes} evaluation episodes each, the same starts (dots); colour: the episode's return "
+                 f"(yellow: the panel's best)")
     save(fig, out)
 
 
@@ -175,7 +179,7 @@ def figure_targets(ckpt, data_path, out, episodes, target=None):
         x, y = maze.centre(r, c)
         ax.text(x, y - 0.3, f"{best[r, c]:.0f}", ha="center", va="center", fontsize=8, color="navy", zorder=5)
     draw_paths(ax, maze, paths, returns)
-    ax.set_title(f"{kind.upper()} asked for {asked:g}: mean return {returns.mean():.1f}\n"
+    ax.set_title(f"{kind} asked for {asked:g}: mean return {returns.mean():.1f}\n"
                  f"numbers: the data's best return-to-go from each cell", fontsize=9)
     save(fig, out)
 
