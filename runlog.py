@@ -43,8 +43,8 @@ def mean_finite_loss(losses, first_step, out, saved_step):
 class Progress:
     """A tqdm bar on a terminal; elsewhere a line at every log point: step, loss, rate, time left."""
 
-    def __init__(self, start, total, enabled=True, stream=None):
-        self.stream = stream or sys.stderr
+    def __init__(self, start, total, enabled=True):
+        self.stream = sys.stderr
         self.start, self.total = start, total
         self.plain = enabled and not self.stream.isatty()
         self.t0 = time.time()

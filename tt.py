@@ -8,8 +8,10 @@ quantiles in the data, so a transition of S + A + 2 numbers is S + A + 2 tokens,
 dimension's own vocabulary of N bins plus a termination token. The model reads them in order and
 predicts each token from the ones before it, like a language model:
 
-    token:     s_1^1 .. s_1^S  a_1^1 .. a_1^A  r_1  V_1  s_2^1 .. s_2^S  a_2^1 ..
-    predicts:  s_1^2 ..  a_1^1 a_1^2 ..  r_1   V_1  s_2^1 s_2^2 ..        a_2^2 ..
+    token:     s_1^1  ..  s_1^S  a_1^1  ..  a_1^A  r_1   V_1    s_2^1  ..
+    predicts:  s_1^2  ..  a_1^1  a_1^2  ..  r_1    V_1   s_2^1  s_2^2  ..
+    (s^i: the i-th dimension of the state, one token; each position predicts the next token)
+
     V_t = r_{t+1} + γ r_{t+2} + γ² r_{t+3} + ..., what the rest of the episode earns
 
 No token may look at a V token: inside the data V is a label to predict, and when planning the
