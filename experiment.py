@@ -1,11 +1,12 @@
 """
-The comparison in the report (results/README.md): the DT against behaviour cloning, 10% BC and IQL,
-over several training seeds, in two studies: the three medium-expert files with dense and with
-delayed rewards ("medium-expert"), and the three sparse-reward mazes that need stitching ("maze2d").
+The comparison in the report (results/README.md): the DT against behaviour cloning, 10% BC, IQL
+and the Trajectory Transformer, over several training seeds, in two studies: the three
+medium-expert files with dense and with delayed rewards ("medium-expert"), and the three
+sparse-reward mazes that need stitching ("maze2d").
 
     python experiment.py --data-dir data              # run whatever is missing, one run at a time
     python experiment.py --list                       # the plan, and which runs are done
-    python experiment.py --table                      # the README's table, from the results file
+    python experiment.py --table                      # the report's tables, from the results files
     python experiment.py --curves curves.png          # every finished run's learning curve
 
 Each run trains with train.py into runs/NAME.pt (an interrupted run is resumed, not restarted),
@@ -47,7 +48,7 @@ MAZE_DT_TARGET = "reference maximum"
 # Training budgets, with evaluation points for a learning curve; the DT is scored at the DT paper's
 # targets. The DT, BC and 10% BC take 5-25 minutes of one CPU core. IQL gets the IQL paper's 1M steps
 # (about two hours): at 200,000 steps, with its actor's learning rate decayed over those, its curve
-# flattened far below where the 1M schedule takes it (README), so the shorter budget would not be
+# flattened far below where the 1M schedule takes it (results/README.md), so the shorter budget would not be
 # fair to it. The DT's 20 epochs are a sixth of the DT paper's 120; where its curve was still rising
 # at 20 (Hopper), one run with the paper's budget measures what the shorter one costs it. These
 # budget checks are the first entries of the plan.

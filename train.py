@@ -1,5 +1,6 @@
 """
-Train a Decision Transformer on D4RL-style trajectories (or a baseline: --model bc, --model iql).
+Train a Decision Transformer on D4RL-style trajectories (or --model tt, bc, iql: the others it is
+measured against).
 
     python train.py --epochs 120                  # halfcheetah-expert-v2, downloaded when missing
     python train.py --data my.hdf5 --max-steps 2000
