@@ -8,14 +8,13 @@ arrays into what the DT trains on. Everything is read once into contiguous tenso
 a handful of vectorised index operations, with no Python loop per sample.
 """
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from datafiles import DataError, read_file
 from iql import iql_reward_scale, next_states  # IQL's transitions, built here with the rest
-from tasks import ENV_IDS, TaskError, locomotion_task, task_from_attributes
+from tasks import TaskError, task_for_name, task_from_attributes
 
 # The DT divides returns-to-go by a scale so that its return input is O(1)-O(10). The DT paper
 # uses 1000 for the MuJoCo bodies, whose returns are thousands. A sparse maze pays 1 per step
@@ -226,15 +225,3 @@ def sample_batch(data, batch_size, context_len, generator=None):
         data.timesteps[idx] * mask,
         mask,
     )
-
-
-def task_for_name(path):
-    """Guess the locomotion task from a dataset's name: the file's, else one of its two nearest
-    folders' (halfcheetah-expert-v2/train/0000.parquet), not anything further up the path, which
-    names the user's folders rather than the data. None when none starts with a body."""
-    path = Path(path)
-    for name in (p.name.lower() for p in (path, path.parent, path.parent.parent)):
-        for body, env_id in ENV_IDS.items():
-            if name.startswith(body):
-                return locomotion_task(env_id)
-    return None

@@ -11,7 +11,7 @@ that data.load_trajectories(transitions=True) builds with next_states and iql_re
 """
 import copy
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
@@ -201,3 +201,24 @@ def sample_transitions(data, batch_size, generator=None):
     """IQL's batch: (s, a, r, s', done) at uniformly drawn steps, each (B, ...)."""
     i = torch.randint(0, data.num_steps, (batch_size,), device=data.states.device, generator=generator)
     return data.states[i], data.actions[i], data.rewards[i], data.next_states[i], data.terminals[i]
+
+
+# What IQL brings to train.py's loop (train.Recipe): the IQL paper's MuJoCo settings (batch 256,
+# Adam at 3e-4, 2 x 256 MLPs, no weight decay or gradient clipping), transitions, iql_loss.
+TRAINING = dict(
+    defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_head=1, n_embd=256, dropout=0.0, weight_decay=0.0,
+                  grad_clip=None, **asdict(IQLConfig())),
+    settings=("n_layer", "n_embd", *IQLConfig.__dataclass_fields__),
+    rows_per_sample=lambda args: 1,
+    sample=lambda data, args, gen: sample_transitions(data, args.batch_size, gen),
+    objective=lambda model, args, amp: Objective(model, config_from(args)),
+    optimizer=lambda model, args: configure_optimizer(model, args.lr),
+    lr=actor_lr,
+    # Its Bellman targets and log-probabilities are sums and differences of large numbers, where
+    # bf16's 8 bits of mantissa would be noise.
+    bf16=False,
+    after_step=lambda model, args: model.update_targets(args.tau),
+    check=lambda args: config_from(args).problem(),
+    transitions=True,
+    describe=lambda data: f"rewards x {data.iql_reward_scale:.4g}",
+)

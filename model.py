@@ -210,3 +210,12 @@ def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):
     # Fused: one kernel updates every parameter, on a CPU as on a GPU (3.3x faster than the
     # per-tensor loop on one CPU core, and bit-identical to it in fp32).
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def get_lr(step, total_steps, max_lr):
+    """Linear warm-up over the first 10% of steps, then cosine decay to max_lr / 10."""
+    warmup = max(1, total_steps // 10)
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))

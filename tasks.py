@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 # D4RL's reference returns (d4rl/infos.py): a random policy and the expert.
 D4RL_REF_RETURNS = {
@@ -68,6 +69,18 @@ class Task:
 
 def locomotion_task(env_id):
     return Task(env_id, ref_returns=D4RL_REF_RETURNS.get(env_id.split("-")[0]))
+
+
+def task_for_name(path):
+    """Guess the locomotion task from a dataset's name: the file's, else one of its two nearest
+    folders' (halfcheetah-expert-v2/train/0000.parquet), not anything further up the path, which
+    names the user's folders rather than the data. None when none starts with a body."""
+    path = Path(path)
+    for name in (p.name.lower() for p in (path, path.parent, path.parent.parent)):
+        for body, env_id in ENV_IDS.items():
+            if name.startswith(body):
+                return locomotion_task(env_id)
+    return None
 
 
 def task_from_checkpoint(ckpt):

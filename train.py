@@ -33,21 +33,12 @@ from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, che
 from data import load_trajectories, sample_batch
 from datafiles import DataError
 from device import bf16_pays, compile_mode, compiles, resolve_device
-from model import DTConfig, configure_optimizer
+from model import DTConfig, configure_optimizer, get_lr
 from rollout import rollout
 from runlog import Progress, mean_finite_loss, open_log
 from tasks import locomotion_task
 
 DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
-
-
-def get_lr(step, total_steps, max_lr):
-    """Linear warm-up over the first 10% of steps, then cosine decay to max_lr / 10."""
-    warmup = max(1, total_steps // 10)
-    if step < warmup:
-        return max_lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return max_lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def action_loss(pred, target, mask):
@@ -74,7 +65,8 @@ class ActionLoss(torch.nn.Module):
 @dataclass(frozen=True)
 class Recipe:
     """What one model brings to the training loop, which itself names no model: its paper's
-    settings, how a batch is drawn, its loss, its optimizer and its learning-rate schedule."""
+    settings, how a batch is drawn, its loss, its optimizer and its learning-rate schedule. The
+    DT's and BC's are below; every other model's file holds its own (iql.TRAINING, tt.TRAINING)."""
     defaults: dict       # for the flags left unset
     settings: tuple      # the flags it reads beside COMMON's; the config line shows these
     rows_per_sample: Callable  # (args) -> dataset rows one sample covers, which sizes an epoch
@@ -107,39 +99,9 @@ MODELS = {
     # BC predicts each step of a window from its state alone: the same batches, loss and schedule.
     "bc": Recipe(settings=("context_len", "n_layer", "n_embd", "dropout", "weight_decay", "grad_clip"),
                  **WINDOWS),
-    # IQL: the IQL paper's MuJoCo settings (batch 256, Adam at 3e-4, 2 x 256 MLPs, no weight decay
-    # or gradient clipping), single transitions, iql.iql_loss.
-    "iql": Recipe(
-        defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_head=1, n_embd=256, dropout=0.0, weight_decay=0.0,
-                      grad_clip=None, **asdict(iql.IQLConfig())),
-        settings=("n_layer", "n_embd", *iql.IQLConfig.__dataclass_fields__),
-        rows_per_sample=lambda args: 1,
-        sample=lambda data, args, gen: iql.sample_transitions(data, args.batch_size, gen),
-        objective=lambda model, args, amp: iql.Objective(model, iql.config_from(args)),
-        optimizer=lambda model, args: iql.configure_optimizer(model, args.lr),
-        lr=iql.actor_lr,
-        # Its Bellman targets and log-probabilities are sums and differences of large numbers,
-        # where bf16's 8 bits of mantissa would be noise.
-        bf16=False,
-        after_step=lambda model, args: model.update_targets(args.tau),
-        check=lambda args: iql.config_from(args).problem(),
-        transitions=True,
-        describe=lambda data: f"rewards x {data.iql_reward_scale:.4g}"),
-    # TT: the paper's settings (4 layers, 4 heads, 128 wide, AdamW at 6e-4 with weight decay 0.1,
-    # gradient clipping 1.0, batch 256), windows of 10 transitions as tokens, tt.weighted_token_loss.
-    "tt": Recipe(
-        defaults=dict(batch_size=256, lr=6e-4, n_layer=4, n_head=4, n_embd=128, dropout=0.1, weight_decay=0.1,
-                      grad_clip=1.0),
-        settings=("n_layer", "n_head", "n_embd", "dropout", "weight_decay", "grad_clip"),
-        rows_per_sample=lambda args: tt.TTConfig.n_transitions,
-        sample=lambda data, args, gen: tt.sample_windows(data.tokens, data.tt_config, args.batch_size, gen),
-        objective=lambda model, args, amp: tt.Objective(model, amp),
-        optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, 0.95)),
-        lr=get_lr,
-        transitions=True,
-        prepare=tt.prepare,
-        config=lambda args, data: data.tt_config,
-        describe=tt.describe),
+    # The others bring their own entries, from their files: iql.TRAINING, tt.TRAINING.
+    "iql": Recipe(**iql.TRAINING),
+    "tt": Recipe(**tt.TRAINING),
 }
 # The flags every model reads; the others belong to the models whose `settings` name them.
 COMMON = ("data", "env", "model", "epochs", "max_steps", "batch_size", "lr", "reward_mode", "top_pct",

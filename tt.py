@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block
+from model import Block, configure_optimizer, get_lr
 
 TERMINATION_PENALTY = -100.0  # the paper's reward for the step that ends an episode by falling
 
@@ -418,3 +418,22 @@ class Planner:
         step = torch.cat((self.states, self.actions, r, placeholder), dim=1)
         D = self.model.cfg.transition_dim
         self.history = torch.cat((self.history, step), dim=1)[:, -self.settings.context * D:]
+
+
+# What TT brings to train.py's loop (train.Recipe): the paper's settings (4 layers, 4 heads, 128
+# wide, AdamW at 6e-4 with weight decay 0.1 and betas (0.9, 0.95), gradient clipping 1.0, batch
+# 256), windows of 10 transitions as tokens, weighted_token_loss.
+TRAINING = dict(
+    defaults=dict(batch_size=256, lr=6e-4, n_layer=4, n_head=4, n_embd=128, dropout=0.1, weight_decay=0.1,
+                  grad_clip=1.0),
+    settings=("n_layer", "n_head", "n_embd", "dropout", "weight_decay", "grad_clip"),
+    rows_per_sample=lambda args: TTConfig.n_transitions,
+    sample=lambda data, args, gen: sample_windows(data.tokens, data.tt_config, args.batch_size, gen),
+    objective=lambda model, args, amp: Objective(model, amp),
+    optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, 0.95)),
+    lr=get_lr,
+    transitions=True,
+    prepare=prepare,
+    config=lambda args, data: data.tt_config,
+    describe=describe,
+)
