@@ -191,8 +191,9 @@ def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0, trans
     if transitions:
         nxt = arrays.get("next_observations")
         data.iql_reward_scale = iql_reward_scale(data.episode_returns, sparse)
-        data.step_rewards = torch.from_numpy(np.asarray(rewards, np.float32))
-        data.rewards = torch.from_numpy(np.asarray(rewards, np.float32) * np.float32(data.iql_reward_scale))
+        step_rewards = np.asarray(rewards, np.float32)
+        data.step_rewards = torch.from_numpy(step_rewards)
+        data.rewards = torch.from_numpy(step_rewards * np.float32(data.iql_reward_scale))
         if nxt is not None:
             nxt = ((nxt - mean) / std).astype(np.float32)
         data.next_states = torch.from_numpy(next_states(states, end_idx, nxt))

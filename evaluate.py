@@ -17,9 +17,8 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
 from dataclasses import replace
+from pathlib import Path
 
 from checkpoint import RunError, load_checkpoint
 from device import resolve_device

@@ -31,6 +31,7 @@ import torch
 import plot
 import stats
 from checkpoint import atomic_write
+from data import episode_ends, episode_totals
 from tasks import locomotion_task
 
 HERE = Path(__file__).parent
@@ -104,8 +105,8 @@ def maze_targets(path):
     """{name: return} the DT is asked for on a maze: the data's best episode return, twice it, and
     the reference maximum (the noise-free planner's mean return in the evaluation)."""
     with h5py.File(path, "r") as f:
-        rewards, ends = f["rewards"][()], f["terminals"][()] | f["timeouts"][()]
-        best = float(np.add.reduceat(rewards.astype(np.float64), np.r_[0, np.flatnonzero(ends[:-1]) + 1]).max())
+        ends = episode_ends(f["terminals"][()], f["timeouts"][()])
+        best = float(episode_totals(f["rewards"][()], ends).max())
         return {"data's best": best, "twice the data's best": 2 * best,
                 "reference maximum": float(f.attrs["ref_max_score"])}
 

@@ -65,17 +65,15 @@ def read_maze_data(path):
     return arrays["observations"][:, :2], arrays["rewards"], episode_ends(arrays["terminals"], arrays["timeouts"]), task
 
 
-def best_return_to_go_by_cell(path):
-    """(Maze, (H, W) array): the most reward any data episode went on to collect from a state in
-    each cell (NaN for walls). Zero means no episode that passed there ever reached the goal."""
-    xy, rewards, ends, task = read_maze_data(path)
-    maze = Maze(task)
-    rtg = returns_to_go(rewards, ends)
+def best_return_to_go_by_cell(maze, xy, rtg):
+    """(H, W): the most reward any data episode went on to collect from a state in each cell (NaN
+    for walls), given the data's positions and returns-to-go. Zero means no episode that passed
+    there ever reached the goal."""
     best = np.full(maze.cells.shape, np.nan)
     best[maze.cells == 0] = 0.0
     row, col = maze.cell_of(xy)
     np.fmax.at(best, (row, col), rtg)
-    return maze, best
+    return best
 
 
 def stitching(path):
@@ -85,9 +83,9 @@ def stitching(path):
     episode earns. A policy that copies one episode gets at most that share; the rest must come
     from staying at the goal, which no episode does for long."""
     xy, rewards, ends, task = read_maze_data(path)
-    maze, best = best_return_to_go_by_cell(path)
+    maze, rtg = Maze(task), returns_to_go(rewards, ends)
+    best = best_return_to_go_by_cell(maze, xy, rtg)
     free = maze.cells == 0
-    rtg = returns_to_go(rewards, ends)
     row, col = maze.cell_of(xy)
     episode = np.cumsum(np.r_[0, ends[:-1]])
     # Each episode's first step in each cell it visits: did the episode go on to the goal from there?
@@ -169,7 +167,9 @@ def figure_targets(ckpt, data_path, out, episodes, target=None):
     """What the DT is asked against what it saw: in each cell, the most reward any data episode
     went on to collect from there; over it, its episodes asked for `target` (default: the
     reference maximum, more than any data episode earned)."""
-    maze, best = best_return_to_go_by_cell(data_path)
+    xy, rewards, ends, task = read_maze_data(data_path)
+    maze = Maze(task)
+    best = best_return_to_go_by_cell(maze, xy, returns_to_go(rewards, ends))
     paths, returns, task, kind = episode_paths(ckpt, episodes, target)
     asked = task.default_target if target is None else target
     plt = plot.pyplot()

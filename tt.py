@@ -393,21 +393,18 @@ class Planner:
     which no token looks at) and its current state."""
 
     def __init__(self, model, norm, episodes, settings, device):
-        self.model, self.norm, self.settings = model, norm, settings
-        self.disc = Discretizer(norm.bins)
+        self.model, self.settings = model, settings
+        self.disc = Discretizer(norm.bins)  # the bins the model's tokens were made with
         self.history = torch.zeros(episodes, 0, dtype=torch.long, device=device)
         self.generator = torch.Generator(device=device).manual_seed(0)
-        self.predicted = []  # each step's best plans' predicted rewards (E, H + 1), for analysis
 
     def act(self, states, returns, t):
         """(E, S) normalized states -> (E, A) actions (a plan has no use for the returns so far)."""
         self.states = self.disc.encode(states, slice(0, self.model.cfg.state_dim))
         prefix = torch.cat((self.history, self.states), dim=1)
-        actions, predicted = plan(self.model, self.disc, prefix, self.settings, self.generator)
-        self.predicted.append(predicted.cpu())
-        self.actions = actions
+        self.actions, _ = plan(self.model, self.disc, prefix, self.settings, self.generator)
         S, A = self.model.cfg.state_dim, self.model.cfg.act_dim
-        return self.disc.decode(actions, slice(S, S + A))
+        return self.disc.decode(self.actions, slice(S, S + A))
 
     def observe(self, rewards):
         """The rewards (E,) the last actions earned: the step joins the history."""
