@@ -4,8 +4,8 @@ one JSON object) of:
 
   training   samples/s and steps/s of train.py's own step (model, optimizer, sampler, bf16
              autocast where train.py uses it, torch.compile with --compile, the default on
-             CUDA), timed after a warm-up;
-             compile time is reported apart
+             CUDA), timed after a warm-up; compile time is reported apart. The DT by default;
+             --model names another of train.py's (iql, bc, tt)
   sampler    milliseconds per batch for the batch sampler alone
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel (its policy
              compiled with --compile; its environments stepped by --env-workers processes), the
@@ -16,10 +16,14 @@ one JSON object) of:
              and of an evaluation forward (FlopCounterMode on the real model), and the fraction of
              the peak each reaches; the env steps/s that evaluation's forward alone would allow at
              the peak, the ceiling for any exact implementation of this model
+  planning   for --model tt, instead of evaluation: seconds a planning step takes for N episodes
+             together (one action each, beam search as evaluate.py runs it), env steps/s, and
+             the fraction of the peak its FLOPs reach
 
     python bench.py                                     # data/halfcheetah-expert-v2.hdf5
     python bench.py --synthetic --eval-episodes 1 5 10 20 50 --json
     python bench.py --device cuda --check --steps 300 --eval-episodes 10 100 1000 --env-workers 8   # a GPU's first run
+    python bench.py --model tt --eval-episodes 1 10 --beam-width 32 --horizon 5
 
 The model is untrained: speed does not depend on the weights, and an untrained cheetah's
 episodes last the same 1000 steps. Numbers are only comparable within one machine and session.
@@ -39,11 +43,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from checkpoint import RunError
-from device import compiles, resolve_device
+from device import compiles, evaluates_in_bf16, resolve_device
 from data import load_trajectories, sample_batch
 from datafiles import DataError
 from rollout import rollout
 from tasks import locomotion_task
+from tt import Planner, PlanSettings
 from vecenv import make_envs
 
 TASK = locomotion_task("HalfCheetah-v5")
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=train.DEFAULT_DATA, help="HalfCheetah trajectories to train on "
                    "(default: train.py's, python download.py halfcheetah-expert-v2 fetches it)")
+    p.add_argument("--model", default="dt", choices=list(train.MODELS), help="whose training step to time "
+                   "(default dt); for tt, planning steps instead of rollouts")
     p.add_argument("--synthetic", action="store_true",
                    help="generate random HalfCheetah-shaped data (1000 episodes of 1000 steps) instead")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -77,9 +84,17 @@ def parse_args(argv=None):
                    help=f"with --check: the torch.compile modes to try (default: {' '.join(CHECK_MODES)})")
     for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
         p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
+    for flag in ("--beam-width", "--horizon"):
+        p.add_argument(flag, type=int, help="--model tt: as in evaluate.py (default: the paper's)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or min(args.eval_episodes) < 1 or args.env_workers < 1:
         p.error("--steps, --warmup, --eval-episodes and --env-workers must be at least 1")
+    if (args.beam_width or args.horizon) and args.model != "tt":
+        p.error("--beam-width and --horizon: for --model tt only")
+    if min(v for v in (args.beam_width, args.horizon, 1) if v is not None) < 1:
+        p.error("--beam-width and --horizon must be at least 1")
+    if args.check and args.model != "dt":
+        p.error("--check compares the DT's compiled paths with its eager one: leave out --model")
     return args
 
 
@@ -100,7 +115,7 @@ def write_synthetic(path, episodes=1000, length=1000, state_dim=17, act_dim=6, s
 
 def train_args(args):
     """train.py's own settings, with the model and batch flags given here."""
-    argv = ["--device", args.device] + (["--no-amp"] if args.no_amp else [])
+    argv = ["--model", args.model, "--device", args.device] + (["--no-amp"] if args.no_amp else [])
     if args.compile is not None:
         argv.append("--compile" if args.compile else "--no-compile")
     for name in ("batch_size", "context_len", "n_layer", "n_head", "n_embd"):
@@ -115,13 +130,14 @@ def sync(device):
 
 
 def bench_training(data, targs, device, steps, warmup):
-    cfg = train.model_config(targs, data)
+    recipe = train.MODELS[targs.model]
+    cfg = (recipe.config or train.model_config)(targs, data)
     model, objective, optimizer = train.setup_training(cfg, targs, device)
     gen = torch.Generator(device=device).manual_seed(0)
 
     def run(n):
         for _ in range(n):
-            batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
+            batch = recipe.sample(data, targs, gen)
             train.train_step(model, objective, optimizer, batch, targs.lr, targs)
         sync(device)
 
@@ -134,7 +150,7 @@ def bench_training(data, targs, device, steps, warmup):
 
     t0 = time.perf_counter()
     for _ in range(steps * 10):
-        sample_batch(data, targs.batch_size, targs.context_len, gen)
+        recipe.sample(data, targs, gen)
     sync(device)
     sampler_s = (time.perf_counter() - t0) / (steps * 10)
     return model, objective, optimizer, warmup_s, step_s, sampler_s
@@ -163,7 +179,7 @@ def counted_flops(fn):
 
 
 def train_step_flops(model, objective, optimizer, data, targs):
-    batch = sample_batch(data, targs.batch_size, targs.context_len, torch.Generator(device=data.states.device))
+    batch = train.MODELS[targs.model].sample(data, targs, torch.Generator(device=data.states.device))
     return counted_flops(lambda: train.train_step(model, objective, optimizer, batch, targs.lr, targs))
 
 
@@ -175,13 +191,13 @@ def eval_forward_flops(model, episodes, device):
     return counted_flops(lambda: model.get_action(*window))
 
 
-def env_steps_per_s(model, data, episodes, compile, workers, runs=1):
+def env_steps_per_s(model, data, episodes, compile, workers, runs=1, bf16=False):
     """Environment steps per second over `runs` calls of rollout with `episodes` in parallel.
     HalfCheetah never ends an episode early, so each one is exactly 1000 steps. A compiled policy
     is compiled (and its CUDA graphs recorded) in one rollout first, not timed."""
     def run(seed):
         rollout(model, data.norm, TASK, TASK.default_target, episodes, seed=seed, progress=False,
-                compile=compile, env_workers=workers)
+                compile=compile, env_workers=workers, bf16=bf16)
     if compile:
         run(seed=runs)
     t0 = time.perf_counter()
@@ -202,6 +218,64 @@ def env_only_steps_per_s(episodes, workers, steps=200):
     rate = episodes * steps / (time.perf_counter() - t0)
     envs.close()
     return rate
+
+
+def planning_step_seconds(model, data, episodes, settings, device, steps=3):
+    """Seconds a TT planning step takes for `episodes` HalfCheetahs together (each gets one
+    action), over `steps` steps after an untimed first one; and the FLOPs of one step."""
+    envs = make_envs(TASK, episodes)
+    obs, _ = envs.reset(seed=0)
+    planner = Planner(model, data.norm, episodes, settings, device)
+
+    def step(obs):
+        action = planner.act(data.norm.states(torch.as_tensor(obs, dtype=torch.float32, device=device)), None, 0)
+        obs, reward, *_ = envs.step(action.float().cpu().numpy())
+        planner.observe(reward)
+        return obs
+
+    with torch.no_grad():
+        obs = step(obs)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            obs = step(obs)
+        seconds = (time.perf_counter() - t0) / steps
+        flops = counted_flops(lambda: step(obs))
+    envs.close()
+    return seconds, flops
+
+
+def report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, step_flops, peak_mb, say):
+    """The TT's half of the table: its training step, and planning in place of rollouts."""
+    settings = PlanSettings(**{k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon)) if v})
+    peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
+    peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
+    planning = {n: planning_step_seconds(model, data, n, settings, device) for n in args.eval_episodes}
+    result = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "model": "tt", "train_samples_per_s": targs.batch_size / step_s, "train_steps_per_s": 1 / step_s,
+        "warmup_s": warmup_s, "bf16": bf16, "peak_mem_mb": peak_mb, "peak_gflops": peak,
+        "peak_gflops_fp32": peak_fp32, "train_step_gflop": step_flops / 1e9,
+        "train_flop_fraction": step_flops / step_s / (peak * 1e9),
+        "beam_width": settings.beam_width, "horizon": settings.horizon,
+        "plan_seconds_per_step_by_episodes": {n: s for n, (s, _) in planning.items()},
+        "plan_env_steps_per_s_by_episodes": {n: n / s for n, (s, _) in planning.items()},
+        # Planning runs in fp32.
+        "plan_gflop_by_episodes": {n: f / 1e9 for n, (_, f) in planning.items()},
+        "plan_flop_fraction_by_episodes": {n: f / s / (peak_fp32 * 1e9) for n, (s, f) in planning.items()},
+    }
+    if args.json:
+        print(json.dumps(result))
+        return result
+    say(f"train     {result['train_samples_per_s']:9.1f} samples/s  {result['train_steps_per_s']:7.2f} steps/s"
+        f"   ({result['train_step_gflop']:.1f} GFLOP a step, {100 * result['train_flop_fraction']:.0f}% of the "
+        f"{'bf16' if bf16 else 'fp32'} peak of {peak:.0f} GFLOP/s)")
+    for n, (seconds, flops) in planning.items():
+        say(f"plan      {seconds:9.2f} s a step for {n} episode{'s' if n > 1 else ''} together, "
+            f"{n / seconds:.1f} env steps/s (beam {settings.beam_width}, horizon {settings.horizon}; "
+            f"{flops / 1e9:.1f} GFLOP, {100 * result['plan_flop_fraction_by_episodes'][n]:.0f}% of the fp32 peak "
+            f"of {peak_fp32:.0f} GFLOP/s)")
+    say(f"memory    {peak_mb:9.0f} MB peak {'CUDA allocated' if device == 'cuda' else 'resident (RSS)'}")
+    return result
 
 
 def check(args, data, device):
@@ -263,10 +337,12 @@ def main(argv=None):
         elif not path.exists():
             raise DataError(f"{path}: no such file; download it with python download.py halfcheetah-expert-v2, "
                             f"point --data at a HalfCheetah file, or time random data with --synthetic")
-        data, task = load_trajectories(path)
+        data, task = load_trajectories(path, transitions=train.MODELS[targs.model].transitions)
     if task not in (None, TASK) or data.state_dim != 17:
         raise DataError(f"{path}: bench.py measures HalfCheetah; this is {task.env_id if task else 'other'} data")
     data.to(device)
+    if train.MODELS[targs.model].prepare:  # the TT's tokens and bins
+        train.MODELS[targs.model].prepare(data, targs)
     if args.check:
         result = check(args, data, device)
         print(json.dumps(result))
@@ -275,25 +351,32 @@ def main(argv=None):
     say = (lambda *a: None) if args.json else print
     say(f"bench: {path.name if not args.synthetic else 'synthetic'} ({data.num_steps} steps), "
         f"{TASK.env_id}, device {device}, {torch.get_num_threads()} threads, batch {targs.batch_size}, "
-        f"K {targs.context_len}, {targs.n_layer} layers x {targs.n_embd}, training in {'bf16' if bf16 else 'fp32'}")
+        f"{targs.model}{'' if targs.model == 'tt' else f', K {targs.context_len}'}, {targs.n_layer} layers x "
+        f"{targs.n_embd}, training in {'bf16' if bf16 else 'fp32'}")
 
     model, objective, optimizer, warmup_s, step_s, sampler_s = bench_training(
         data, targs, device, args.steps, args.warmup)
     peak_mb = peak_memory_mb(device)
     step_flops = train_step_flops(model, objective, optimizer, data, targs)
     model.eval()
+    if targs.model == "tt":
+        return report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, step_flops, peak_mb, say)
     compiled = compiles(targs.compile, device)
     workers = args.env_workers
-    curve = {n: env_steps_per_s(model, data, n, compiled, workers) for n in args.eval_episodes}
-    sequential = env_steps_per_s(model, data, 1, compiled, workers=1, runs=2)
+    # Evaluation as evaluate.py runs it: in the training's precision where that pays
+    # (device.evaluates_in_bf16), and then in fp32 as well, for the ratio.
+    eval_bf16 = evaluates_in_bf16(bf16, device)
+    curve = {n: env_steps_per_s(model, data, n, compiled, workers, bf16=eval_bf16) for n in args.eval_episodes}
+    curve_fp32 = {n: env_steps_per_s(model, data, n, compiled, workers) for n in args.eval_episodes} if eval_bf16 else curve
+    sequential = env_steps_per_s(model, data, 1, compiled, workers=1, runs=2, bf16=eval_bf16)
     env_only = {n: env_only_steps_per_s(n, workers) for n in args.eval_episodes}
-    # Training runs its matmuls in bf16 where use_bf16 says so; evaluation always in fp32.
     peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
+    peak_eval = peak if eval_bf16 else peak_fp32
     forward_flops = {n: eval_forward_flops(model, n, device) for n in args.eval_episodes}
     # A step of n episodes is one forward for all of them, so env steps/s = forwards/s * n.
-    eval_fraction = {n: forward_flops[n] * curve[n] / n / (peak_fp32 * 1e9) for n in args.eval_episodes}
-    ceiling = {n: peak_fp32 * 1e9 / (forward_flops[n] / n) for n in args.eval_episodes}
+    eval_fraction = {n: forward_flops[n] * curve[n] / n / (peak_eval * 1e9) for n in args.eval_episodes}
+    ceiling = {n: peak_eval * 1e9 / (forward_flops[n] / n) for n in args.eval_episodes}
 
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
@@ -308,6 +391,8 @@ def main(argv=None):
         "env_workers": workers,
         "eval_env_steps_per_s": curve[max(args.eval_episodes)],
         "eval_env_steps_per_s_by_episodes": curve,
+        "eval_bf16": eval_bf16,
+        "eval_fp32_env_steps_per_s_by_episodes": curve_fp32,
         "eval_env_steps_per_s_sequential": sequential,
         "env_only_steps_per_s_by_episodes": env_only,
         "peak_mem_mb": peak_mb,
@@ -328,8 +413,10 @@ def main(argv=None):
     print(f"sampler   {result['sampler_ms_per_batch']:9.3f} ms/batch   "
           f"{100 * result['sampler_share_of_step']:.1f}% of a training step")
     for n, rate in curve.items():
-        print(f"eval      {rate:9.0f} env steps/s with {n} episode{'s' if n > 1 else ''} in parallel "
-              f"(the env alone: {env_only[n]:,.0f}{f', {workers} processes' if workers > 1 else ''})")
+        print(f"eval      {rate:9.0f} env steps/s with {n} episode{'s' if n > 1 else ''} in parallel, "
+              f"{'bf16' if eval_bf16 else 'fp32'} (the env alone: {env_only[n]:,.0f}"
+              f"{f', {workers} processes' if workers > 1 else ''}"
+              f"{f'; in fp32 {curve_fp32[n]:,.0f}, bf16 {rate / curve_fp32[n]:.2f}x' if eval_bf16 else ''})")
     print(f"eval      {sequential:9.0f} env steps/s one episode at a time ({result['eval_episodes']} in "
           f"parallel: {result['eval_env_steps_per_s'] / sequential:.1f}x as fast)")
     print(f"memory    {peak_mb:9.0f} MB peak {'CUDA allocated' if device == 'cuda' else 'resident (RSS)'}")
@@ -338,7 +425,8 @@ def main(argv=None):
     print(f"          training: {result['train_step_gflop']:.2f} GFLOP a step, "
           f"{100 * result['train_flop_fraction']:.0f}% of the peak")
     for n in args.eval_episodes:
-        print(f"          evaluation, {n} in parallel: {100 * eval_fraction[n]:.0f}% of the fp32 peak; at the peak "
+        print(f"          evaluation, {n} in parallel: {100 * eval_fraction[n]:.0f}% of the "
+              f"{'bf16' if eval_bf16 else 'fp32'} peak; at the peak "
               f"the forward alone would allow {ceiling[n]:,.0f} env steps/s")
     return result
 

@@ -31,6 +31,15 @@ def bf16_pays(device):
     return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
+def evaluates_in_bf16(trained_in_bf16, device):
+    """Whether a rollout runs the policy under bf16 autocast: on a CPU with bf16 arithmetic, for a
+    model that trained under it, whose weights have met bf16's rounding all along. The forward of
+    an evaluation step is small (a window per episode), so it is the CPU's time that bf16 saves:
+    1.4x the env steps/s of fp32 on a maze DT, same scores within their episode noise
+    (docs/speed.md). On CUDA evaluation stays fp32: launches, not arithmetic, set its pace."""
+    return trained_in_bf16 and device == "cpu" and bf16_pays(device)
+
+
 def compiles(requested, device):
     """--compile (True/False), or by default (None): on CUDA, where the step is launch-bound; off on
     a CPU, where it measured slower for the DT (docs/speed.md). On a CPU torch.compile builds its

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from checkpoint import RunError, load_checkpoint
-from device import resolve_device
+from device import evaluates_in_bf16, resolve_device
 from rollout import rollout
 from tasks import task_from_checkpoint
 from tt import PlanSettings
@@ -88,6 +88,8 @@ def main(argv=None):
         raise RunError(f"{args.checkpoint}: --beam-width and --horizon are for a TT checkpoint; this is "
                        f"{model.cfg.kind.upper()}")
     settings = PlanSettings(**{k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon)) if v})
+    # In the training's precision where that pays; checkpoints from before it was recorded, in fp32.
+    bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device)
     conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, TT plans
     if not conditioned and len(targets) > 1:
         print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",
@@ -103,7 +105,8 @@ def main(argv=None):
         steps, t0 = [], time.perf_counter()
         try:
             returns = rollout(model, norm, task, target, args.episodes, args.seed, progress=not args.json,
-                              recorder=recorder, env_workers=args.env_workers, record=steps, planning=settings)
+                              recorder=recorder, env_workers=args.env_workers, record=steps, planning=settings,
+                              bf16=bf16)
         except RunError as e:  # the env does not fit this checkpoint: name both
             raise RunError(f"{args.checkpoint}: {e}") from None
         seconds = time.perf_counter() - t0
@@ -112,7 +115,7 @@ def main(argv=None):
             "returns": [round(float(r), 2) for r in returns],
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
             "normalized_score": task.normalized_score(float(returns.mean())),
-            "ref_returns": list(task.ref_returns),
+            "ref_returns": list(task.ref_returns), "precision": "bf16" if bf16 else "fp32",
             # One policy call acts for every episode at once: a step of all of them.
             "seconds_per_step": seconds / (len(steps) - 1),
             "env_steps_per_s": args.episodes * (len(steps) - 1) / seconds,

@@ -19,6 +19,7 @@ import torch
 import plot
 from checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_ends, returns_to_go
+from device import evaluates_in_bf16
 from datafiles import DataError, read_file
 from rollout import rollout
 from tasks import GOAL_RADIUS, TaskError, maze_goal, task_from_attributes, task_from_checkpoint
@@ -105,7 +106,7 @@ def episode_paths(ckpt_path, episodes, target=None):
     task = task_from_checkpoint(ckpt)
     seen = []
     returns = rollout(model, norm, task, task.default_target if target is None else target, episodes,
-                      progress=False, record=seen)
+                      progress=False, record=seen, bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu"))
     label = model.cfg.kind.upper()
     if ckpt.get("step", 0) < ckpt.get("total_steps", 0):  # a run still training: say how far it is
         label += f", step {ckpt['step']:,} of {ckpt['total_steps']:,}"

@@ -17,7 +17,7 @@ from vecenv import make_envs
 
 @torch.no_grad()
 def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder=None, compile=False,
-            env_workers=1, record=None, planning=None):
+            env_workers=1, record=None, planning=None, bf16=False):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`;
     returns their undiscounted returns (np.ndarray). `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
@@ -26,7 +26,8 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     than it saves in one 1000-step rollout (docs/speed.md). `env_workers` processes step the
     environments (vecenv.py); a recorder needs its episode here, in one process. `record`, a
     list, gets every step's raw observations (episodes, obs size) for pictures of the paths. A
-    Trajectory Transformer plans instead (tt.Planner, with `planning`, a tt.PlanSettings)."""
+    Trajectory Transformer plans instead (tt.Planner, with `planning`, a tt.PlanSettings). `bf16`
+    runs the DT's, BC's and IQL's forward under bf16 autocast (device.evaluates_in_bf16)."""
     envs = make_envs(task, episodes, recorder, env_workers)
     check_env_matches(envs, task.env_id, model.cfg)
     device = next(model.parameters()).device
@@ -35,7 +36,7 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     if isinstance(model, TrajectoryTransformer):
         policy = Planner(model, norm, episodes, planning or PlanSettings(), device)
     else:
-        policy = WindowPolicy(model, norm, target, episodes, device, compile)
+        policy = WindowPolicy(model, norm, target, episodes, device, compile, bf16)
     returns = np.zeros(episodes)
     done = np.zeros(episodes, bool)
 
@@ -71,8 +72,9 @@ class WindowPolicy:
     passed, so the policy is called with the same shapes every time; the return-to-go counts down
     from the target."""
 
-    def __init__(self, model, norm, target, episodes, device, compile):
+    def __init__(self, model, norm, target, episodes, device, compile, bf16):
         self.norm, self.target, self.device = norm, target, device
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         self.policy = model.get_action
         if compile:
             self.policy = torch.compile(self.policy, mode="reduce-overhead" if device.type == "cuda" else None)
@@ -94,7 +96,9 @@ class WindowPolicy:
         self.real[:, -1] = True
         # Absolute episode times of the window's steps; padded steps get 0, as in training.
         timesteps = torch.arange(t - K + 1, t + 1, device=self.device).clamp(min=0).expand(len(states), K)
-        action = self.policy(self.states, self.actions, self.rtg, timesteps, self.real if t < K - 1 else None)
+        with self.amp:
+            action = self.policy(self.states, self.actions, self.rtg, timesteps, self.real if t < K - 1 else None)
+        action = action.float()
         self.actions[:, -1] = action
         return action
 

@@ -32,7 +32,7 @@ from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, che
                         release_output, restore, resume_run, rng_state, save_checkpoint)
 from data import load_trajectories, sample_batch
 from datafiles import DataError
-from device import bf16_pays, compile_mode, compiles, resolve_device
+from device import bf16_pays, compile_mode, compiles, evaluates_in_bf16, resolve_device
 from model import DTConfig, configure_optimizer, get_lr
 from rollout import rollout
 from runlog import Progress, mean_finite_loss, open_log
@@ -245,7 +245,7 @@ def main(argv=None):
         run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": task.env_id,
                     "task": task.to_dict(),
                     **{k: v.cpu() if torch.is_tensor(v) else v for k, v in vars(data.norm).items()},
-                    "train_args": vars(args), "total_steps": total_steps}
+                    "train_args": vars(args), "total_steps": total_steps, "bf16": use_bf16(args, device)}
         say(describe_data(args, data, task, device))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not IQL's target networks
         say(f"model: {args.model}, {n_params / 1e6:.2f}M parameters; {total_steps} steps ({steps_per_epoch} per epoch)"
@@ -286,7 +286,8 @@ def main(argv=None):
                     row = [done, f"{loss_avg:.5f}", f"{lr:.3g}", "", "", ""]
                     if evaluating:
                         t_eval = time.time()
-                        returns = rollout(model, data.norm, task, target, args.eval_episodes, progress=False)
+                        returns = rollout(model, data.norm, task, target, args.eval_episodes, progress=False,
+                                          bf16=evaluates_in_bf16(run_info["bf16"], device))
                         model.train()
                         row[4:] = [f"{returns.mean():.1f}", f"{task.normalized_score(returns.mean()):.1f}"]
                         progress.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "

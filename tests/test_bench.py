@@ -23,6 +23,32 @@ def test_bench_runs_and_reports_every_figure(capsys):
     assert result["device"].startswith("cpu") and set(result["eval_env_steps_per_s_by_episodes"]) == {1, 2}
 
 
+def test_bench_times_the_trajectory_transformer_and_its_planning(capsys, monkeypatch):
+    """--model tt: the TT's training step, and planning steps (beam search, one action for every
+    episode) in place of rollouts, each with its FLOPs against the peak."""
+    write_synthetic = bench.write_synthetic
+    monkeypatch.setattr(bench, "write_synthetic", lambda path: write_synthetic(path, episodes=20, length=50))
+    result = bench.main(["--synthetic", "--model", "tt", "--steps", "1", "--warmup", "1", "--batch-size", "4",
+                         "--n-layer", "1", "--n-embd", "16", "--n-head", "1", "--eval-episodes", "1", "3",
+                         "--beam-width", "2", "--horizon", "2", "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
+    assert result["model"] == "tt" and (result["beam_width"], result["horizon"]) == (2, 2)
+    assert result["train_steps_per_s"] > 0 and 0 < result["train_flop_fraction"] < 1
+    rate, flops = result["plan_env_steps_per_s_by_episodes"], result["plan_gflop_by_episodes"]
+    assert set(rate) == {1, 3} and min(rate.values()) > 0
+    assert flops[3] == pytest.approx(3 * flops[1], rel=0.01)  # every episode plans with the same beams
+    assert all(0 < f < 1 for f in result["plan_flop_fraction_by_episodes"].values())
+
+
+def test_bench_flags_for_another_model_are_refused(capsys):
+    for argv, words in ((["--beam-width", "4"], "for --model tt only"),
+                        (["--model", "iql", "--check"], "leave out --model"),
+                        (["--model", "tt", "--horizon", "0"], "at least 1")):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert words in capsys.readouterr().err
+
+
 @needs_compiler
 def test_the_compiled_path_check_reports_each_mode_against_eager(capsys):
     result = bench.main(["--synthetic", "--check", "--steps", "4", "--warmup", "1", "--eval-episodes", "2",

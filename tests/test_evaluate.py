@@ -1,4 +1,5 @@
 """Tests of evaluate.py."""
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import checkpoint
+import device
 import evaluate
 import rollout
 import tasks
@@ -74,6 +76,38 @@ def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
     compiled = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=True)
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+def test_evaluation_runs_in_the_precision_the_model_trained_in(tmp_path, monkeypatch):
+    """A checkpoint records whether it trained under bf16 autocast; on a CPU with bf16 arithmetic
+    its rollouts run the policy under it too (fp32 actions out, close to fp32's), and say so.
+    Checkpoints that never recorded it, CUDA, and CPUs without bf16 stay in fp32."""
+    has_bf16 = device.bf16_pays("cpu")  # this machine's own answer, which the subprocesses get
+    data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
+    out = tmp_path / "hopper.pt"
+    train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
+    ckpt = torch.load(out, weights_only=True)
+    assert ckpt["bf16"] == has_bf16
+    monkeypatch.setattr(device, "bf16_pays", lambda d: True)
+    assert device.evaluates_in_bf16(True, "cpu")
+    assert not device.evaluates_in_bf16(False, "cpu") and not device.evaluates_in_bf16(True, "cuda")
+
+    model, norm, _ = checkpoint.load_checkpoint(out)
+    states = torch.randn(2, 11, generator=torch.Generator().manual_seed(0))
+    actions = {bf16: rollout.WindowPolicy(model, norm, 3600.0, 2, torch.device("cpu"), False, bf16).act(
+        states, np.zeros(2), 0) for bf16 in (False, True)}
+    assert actions[True].dtype == torch.float32
+    assert not torch.equal(actions[True], actions[False])  # it did run in bf16
+    torch.testing.assert_close(actions[True], actions[False], atol=0.05, rtol=0)
+
+    edited = tmp_path / "bf16.pt"
+    torch.save({**ckpt, "bf16": True}, edited)
+    proc = run_cli("evaluate.py", str(edited), "--episodes", "1", "--json")
+    assert json.loads(proc.stdout)["precision"] == ("bf16" if has_bf16 else "fp32")
+    ckpt.pop("bf16")
+    torch.save(ckpt, edited)  # from before the precision was recorded: fp32, as it was evaluated then
+    proc = run_cli("evaluate.py", str(edited), "--episodes", "1", "--json")
+    assert json.loads(proc.stdout)["precision"] == "fp32"
 
 
 def test_sharded_envs_step_exactly_as_one_process():
