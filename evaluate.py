@@ -15,6 +15,7 @@ missing, exactly as its training data was labelled. rollout.py runs the episodes
 """
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -27,6 +28,9 @@ from tasks import task_from_checkpoint
 from tt import PlanSettings
 
 
+MANY_EPISODES = 100  # from here on the environments, stepped one by one, cost more than the policy
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
@@ -34,8 +38,9 @@ def parse_args(argv=None):
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0, help="episode i is reset with seed + i")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--env-workers", type=int, default=1, help="processes that step the environments; "
-                   "pays off with hundreds of episodes, where stepping them takes longer than the policy")
+    p.add_argument("--env-workers", type=int, help="processes that step the environments, which pays off "
+                   "with hundreds of episodes, where stepping them takes longer than the policy (default: "
+                   f"one per CPU core from {MANY_EPISODES} episodes on, else none)")
     p.add_argument("--env", help="gymnasium env id (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="one JSON object per target on stdout")
     p.add_argument("--plot", metavar="FILE.png", help="draw achieved against requested return")
@@ -51,7 +56,7 @@ def parse_args(argv=None):
     for flag, value in (("--beam-width", args.beam_width), ("--horizon", args.horizon)):
         if value is not None and value < 1:
             p.error(f"{flag} must be at least 1, not {value}")
-    if args.episodes < 1 or args.env_workers < 1:
+    if args.episodes < 1 or (args.env_workers is not None and args.env_workers < 1):
         p.error("--episodes and --env-workers must be at least 1")
     if args.video_seconds is not None and args.video_seconds <= 0:
         p.error("--video-seconds must be positive")
@@ -61,8 +66,10 @@ def parse_args(argv=None):
     if args.plot:
         from plot import require_matplotlib
         require_matplotlib(p, "--plot")
-    if args.video and args.env_workers > 1:
+    if args.video and (args.env_workers or 1) > 1:
         p.error("--video records its episode in this process: leave out --env-workers")
+    if args.env_workers is None:
+        args.env_workers = len(os.sched_getaffinity(0)) if args.episodes >= MANY_EPISODES and not args.video else 1
     if args.video:
         from video import check_video_args
         check_video_args(p, args)

@@ -4,7 +4,8 @@ train.py's --eval-every both go through `rollout`; tasks.py scores the returns.
 
 All episodes run in one gymnasium vector env, and each environment step is one batched model
 forward for all of them. vecenv.py makes the environments: in this process, or with env_workers > 1
-stepped by that many processes, for evaluations of hundreds of episodes.
+stepped by that many processes, for evaluations of hundreds of episodes; then the episodes are two
+parts, and the policy's forward for one part runs while the other part's environments step.
 """
 import numpy as np
 import torch
@@ -33,10 +34,12 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     device = next(model.parameters()).device
     norm = norm.to(device)
     max_steps = task.max_episode_steps or envs.spec.max_episode_steps or 1000
+    # One policy per part of the episodes (vecenv.py: two when workers step them), each with its
+    # own windows or plans.
     if isinstance(model, TrajectoryTransformer):
-        policy = Planner(model, norm, episodes, planning or PlanSettings(), device)
+        policies = [Planner(model, norm, hi - lo, planning or PlanSettings(), device) for lo, hi in envs.parts]
     else:
-        policy = WindowPolicy(model, norm, target, episodes, device, compile, bf16)
+        policies = [WindowPolicy(model, norm, target, hi - lo, device, compile, bf16) for lo, hi in envs.parts]
     returns = np.zeros(episodes)
     done = np.zeros(episodes, bool)
 
@@ -46,20 +49,33 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
         record.append(np.array(obs))
     if recorder:
         recorder.capture(envs.envs[0])
-    desc = "planning" if isinstance(policy, Planner) else f"target {target:g}"
+    desc = "planning" if isinstance(model, TrajectoryTransformer) else f"target {target:g}"
     bar = tqdm(total=max_steps, desc=desc, leave=False, disable=not progress)
-    for t in range(max_steps):
-        action = policy.act(norm.states(torch.as_tensor(obs, dtype=torch.float32, device=device)), returns, t)
-        obs, reward, terminated, truncated, _ = envs.step(action.float().cpu().numpy())
-        policy.observe(reward)
-        returns += np.where(done, 0.0, reward)  # a finished episode stops counting
-        if record is not None:
-            record.append(np.array(obs))
-        if recorder and not done[0]:
-            recorder.capture(envs.envs[0])
-        done |= terminated | truncated
-        bar.update()
-        if done.all():
+    # Each step: for each part, its last step's results in (after the first), then its next actions
+    # out. With two parts, one part's environments step in the workers while the policy works out
+    # the other's actions. A part whose episodes have all ended stops stepping.
+    stepping = [True] * len(envs.parts)
+    for t in range(max_steps + 1):
+        for i, (lo, hi) in enumerate(envs.parts):
+            if not stepping[i]:
+                continue
+            if t > 0:
+                obs[lo:hi], reward, terminated, truncated = envs.receive(i)
+                if recorder and not done[0]:  # episode 0's frames, its last one included
+                    recorder.capture(envs.envs[0])  # (a recorder means one part, in this process)
+                policies[i].observe(reward)
+                returns[lo:hi] += np.where(done[lo:hi], 0.0, reward)  # a finished episode stops counting
+                done[lo:hi] |= terminated | truncated
+                stepping[i] = t < max_steps and not done[lo:hi].all()
+                if not stepping[i]:
+                    continue
+            states = norm.states(torch.as_tensor(obs[lo:hi], dtype=torch.float32, device=device))
+            envs.send(i, policies[i].act(states, returns[lo:hi], t).float().cpu().numpy())
+        if t > 0:
+            if record is not None:
+                record.append(np.array(obs))
+            bar.update()
+        if not any(stepping):
             break
     bar.close()
     envs.close()

@@ -21,6 +21,19 @@ from checkpoint import RunError
 from tasks import TaskError, import_gym
 
 
+# From this many episodes on, they are stepped in two parts (see rollout.py), and evaluate.py
+# gives them one worker process per CPU core: the environments, stepped one after another, then
+# cost more than the policy's forward for all of them.
+MANY_EPISODES = 100
+
+
+def parts_of(num_envs):
+    """The episodes' parts, [(lo, hi)]: two halves from MANY_EPISODES on, else one. The split
+    depends on the episodes only, never on the worker processes, so that the policy sees the same
+    batches, and gives the same actions to the last bit, however many processes step them."""
+    return [(0, num_envs // 2), (num_envs // 2, num_envs)] if num_envs >= MANY_EPISODES else [(0, num_envs)]
+
+
 def make_envs(task, num_envs, recorder=None, workers=1):
     """`num_envs` copies of a tasks.Task's environment, stepped together. A video.Recorder films
     env 0, which must then live in this process."""
@@ -28,6 +41,11 @@ def make_envs(task, num_envs, recorder=None, workers=1):
         if recorder:
             raise RunError("a video is recorded in this process: leave out the environment workers")
         return ShardedVectorEnv(task, num_envs, workers)
+    return InProcess(task, num_envs, recorder)
+
+
+def make_vector_env(task, num_envs, recorder=None):
+    """A gymnasium SyncVectorEnv of the task's environment."""
     try:
         import_gym(task.env_id)  # registers gymnasium-robotics' mazes when the task is one
     except TaskError as e:
@@ -76,16 +94,78 @@ class ObservationPart(gym.ObservationWrapper):
         return observation[self.key]
 
 
-class ShardedVectorEnv:
-    """`num_envs` copies of a task's environment split over `workers` processes, with the parts of a gymnasium
-    vector env's interface that rollout.py uses: reset(seed), step(actions), close(), spec and the
-    single spaces."""
+class Parted:
+    """What InProcess and ShardedVectorEnv share: a vector env's step(actions), made of their
+    send(part, actions) and receive(part)."""
+
+    def step(self, actions):
+        for part, (lo, hi) in enumerate(self.parts):
+            self.send(part, actions[lo:hi])
+        obs, reward, terminated, truncated = (np.concatenate(x) for x in
+                                              zip(*(self.receive(part) for part in range(len(self.parts)))))
+        return obs, reward, terminated, truncated, {}
+
+
+class InProcess(Parted):
+    """The environments in this process: a gymnasium vector env per part of the episodes, with the
+    interface rollout.py steps through (send(part, actions) steps a part, receive(part) hands over
+    what it returned) and a vector env's reset, step and close."""
+
+    def __init__(self, task, num_envs, recorder=None):
+        self.parts = parts_of(num_envs)
+        self.vector_envs = [make_vector_env(task, hi - lo, recorder if lo == 0 else None) for lo, hi in self.parts]
+        first = self.vector_envs[0]
+        self.spec, self.single_observation_space, self.single_action_space = (
+            first.spec, first.single_observation_space, first.single_action_space)
+        self.envs = [env for envs in self.vector_envs for env in envs.envs]  # env 0 is the one a video films
+        self.num_envs, self.results = num_envs, {}
+
+    def reset(self, seed):
+        return np.concatenate([envs.reset(seed=seed + lo)[0] for envs, (lo, _) in zip(self.vector_envs, self.parts)]), {}
+
+    def send(self, part, actions):
+        self.results[part] = self.vector_envs[part].step(actions)[:4]
+
+    def receive(self, part):
+        return self.results.pop(part)
+
+    def close(self):
+        for envs in self.vector_envs:
+            envs.close()
+
+
+class ShardedVectorEnv(Parted):
+    """`num_envs` copies of a task's environment split over `workers` processes, with InProcess's
+    interface.
+
+    Observations, rewards, ends and actions travel through shared memory, not pickled through
+    pipes: a step's message is one short command each way. When the episodes are two parts
+    (parts_of), each part has half the workers, so that rollout can work out one part's actions
+    while the other part's environments step: send(part) returns at once, receive(part) waits
+    for that part's workers."""
 
     def __init__(self, task, num_envs, workers):
-        workers = min(workers, num_envs)
-        self.bounds = np.linspace(0, num_envs, workers + 1).astype(int)  # worker w: [bounds[w], bounds[w + 1])
+        self.parts = parts_of(num_envs)
+        # Worker w steps episodes [bounds[w], bounds[w + 1]); groups[p] are part p's workers.
+        self.bounds, self.groups = [0], []
+        for p, (lo, hi) in enumerate(self.parts):
+            mine = max(1, min(hi - lo, (workers + len(self.parts) - 1 - p) // len(self.parts)))
+            self.groups.append(range(len(self.bounds) - 1, len(self.bounds) - 1 + mine))
+            self.bounds += [int(b) for b in np.linspace(lo, hi, mine + 1)[1:]]
+        workers = len(self.bounds) - 1
+        probe = make_envs(task, 1)  # the spaces, to size the shared arrays
+        self.spec, self.single_observation_space, self.single_action_space = (
+            probe.spec, probe.single_observation_space, probe.single_action_space)
+        probe.close()
         # spawn, not fork: a forked child would inherit torch's thread pools mid-use.
         context = multiprocessing.get_context("spawn")
+        shapes = {"actions": ((num_envs, *self.single_action_space.shape), np.float32),
+                  "obs": ((num_envs, *self.single_observation_space.shape), self.single_observation_space.dtype),
+                  "reward": ((num_envs,), np.float64), "terminated": ((num_envs,), np.bool_),
+                  "truncated": ((num_envs,), np.bool_)}
+        raw = {k: (context.RawArray("b", int(np.prod(shape)) * np.dtype(dtype).itemsize), shape, dtype)
+               for k, (shape, dtype) in shapes.items()}
+        self.shared = {k: shared_array(*r) for k, r in raw.items()}
         self.pipes, self.processes = [], []
         # The workers start with Ctrl-C ignored (a disposition a new process inherits): it is this
         # process's to handle, and when it exits the workers go with it, without a traceback each.
@@ -93,26 +173,35 @@ class ShardedVectorEnv:
         try:
             for lo, hi in zip(self.bounds[:-1], self.bounds[1:]):
                 ours, theirs = context.Pipe()
-                process = context.Process(target=work, args=(theirs, task, hi - lo), daemon=True)
+                process = context.Process(target=work, args=(theirs, task, raw, lo, hi), daemon=True)
                 process.start()
                 theirs.close()
                 self.pipes.append(ours)
                 self.processes.append(process)
         finally:
             signal.signal(signal.SIGINT, ctrl_c)
-        self.spec, self.single_observation_space, self.single_action_space = self._gather()[0]
+        self._gather(range(workers))  # every worker has made its environments
+
+    @property
+    def num_envs(self):
+        return self.bounds[-1]
 
     def reset(self, seed):
-        for pipe, lo in zip(self.pipes, self.bounds[:-1]):
-            pipe.send(("reset", seed + int(lo)))  # each worker seeds its first episode with seed + lo
-        obs = self._gather()
-        return np.concatenate(obs), {}
+        for pipe in self.pipes:
+            pipe.send(("reset", seed))  # a worker seeds its episode i with seed + i
+        self._gather(range(len(self.pipes)))
+        return self.shared["obs"].copy(), {}
 
-    def step(self, actions):
-        for pipe, lo, hi in zip(self.pipes, self.bounds[:-1], self.bounds[1:]):
-            pipe.send(("step", actions[lo:hi]))
-        obs, reward, terminated, truncated = (np.concatenate(x) for x in zip(*self._gather()))
-        return obs, reward, terminated, truncated, {}
+    def send(self, part, actions):
+        lo, hi = self.parts[part]
+        self.shared["actions"][lo:hi] = actions
+        for w in self.groups[part]:
+            self.pipes[w].send(("step", None))
+
+    def receive(self, part):
+        self._gather(self.groups[part])
+        lo, hi = self.parts[part]
+        return tuple(self.shared[k][lo:hi].copy() for k in ("obs", "reward", "terminated", "truncated"))
 
     def close(self):
         for pipe in self.pipes:
@@ -125,41 +214,47 @@ class ShardedVectorEnv:
             if process.is_alive():
                 process.terminate()
 
-    def _gather(self):
-        """Every worker's answer, in order; a worker's failure becomes one RunError."""
-        answers = []
-        for pipe in self.pipes:
+    def _gather(self, workers):
+        """Wait for each of these workers' answers; a worker's failure becomes one RunError."""
+        for w in workers:
             try:
-                kind, answer = pipe.recv()
+                kind, answer = self.pipes[w].recv()
             except EOFError:
                 self.close()
                 raise RunError("an environment worker process died") from None
             if kind == "error":
                 self.close()
                 raise RunError(answer)
-            answers.append(answer)
-        return answers
 
 
-def work(pipe, task, num_envs):
-    """A worker process: make its share of the environments, then answer the parent's requests
-    until told to close."""
+def shared_array(raw, shape, dtype):
+    """A numpy view of a multiprocessing.RawArray: the same memory in every process that has it."""
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def work(pipe, task, raw, lo, hi):
+    """A worker process: make the environments of episodes [lo, hi), then step them as the parent
+    asks, reading their actions from and writing what they return into the shared arrays, until
+    told to close."""
     try:
-        envs = make_envs(task, num_envs)
+        envs = make_envs(task, hi - lo)
     except RunError as e:
         pipe.send(("error", str(e)))
         return
+    mine = {k: shared_array(*r)[lo:hi] for k, r in raw.items()}
     try:
-        pipe.send(("ok", (envs.spec, envs.single_observation_space, envs.single_action_space)))
+        pipe.send(("ok", None))
         while True:
             command, arg = pipe.recv()
             if command == "reset":
-                pipe.send(("ok", envs.reset(seed=arg)[0]))
+                mine["obs"][:] = envs.reset(seed=arg + lo)[0]
             elif command == "step":
-                obs, reward, terminated, truncated, _ = envs.step(arg)
-                pipe.send(("ok", (obs, reward, terminated, truncated)))
+                obs, reward, terminated, truncated, _ = envs.step(mine["actions"])
+                mine["obs"][:], mine["reward"][:] = obs, reward
+                mine["terminated"][:], mine["truncated"][:] = terminated, truncated
             else:
                 return
+            pipe.send(("ok", None))
     except (EOFError, ConnectionError):
         return  # the parent has gone (Ctrl-C, an error) without saying close: nobody to answer
     finally:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import gymnasium
 import h5py
 import numpy as np
 import pytest
@@ -133,6 +134,25 @@ def test_a_rollout_with_env_workers_returns_what_one_process_does(tmp_path):
     alone = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False)
     sharded = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, env_workers=2)
     np.testing.assert_array_equal(alone, sharded)
+
+
+def test_a_pipelined_rollout_returns_what_one_process_does(tmp_path):
+    """From vecenv.MANY_EPISODES episodes on, the episodes are two parts, each stepped by its own
+    workers through shared memory while the policy works out the other part's actions. Episode i
+    is still reset with seed + i, and every return is the one a single process gives, bit for
+    bit: the parts depend on the number of episodes, not of processes."""
+    n = vecenv.MANY_EPISODES
+    envs = vecenv.make_envs(HOPPER, n)
+    one_vector_env = gymnasium.make_vec("Hopper-v5", num_envs=n, vectorization_mode="sync")
+    assert len(envs.parts) == 2
+    np.testing.assert_array_equal(envs.reset(seed=7)[0], one_vector_env.reset(seed=7)[0])
+    envs.close()
+    one_vector_env.close()
+    model, norm = untrained_hopper(tmp_path)
+    alone = rollout.rollout(model, norm, HOPPER, 3600, n, seed=0, progress=False)
+    pipelined = rollout.rollout(model, norm, HOPPER, 3600, n, seed=0, progress=False, env_workers=3)
+    np.testing.assert_array_equal(alone, pipelined)
+    assert len(set(np.round(alone, 3))) > n // 2  # each episode its own
 
 
 def test_env_workers_fail_in_one_line(trained, tmp_path, capsys):
