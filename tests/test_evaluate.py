@@ -79,11 +79,11 @@ def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
-def test_evaluation_runs_in_the_precision_the_model_trained_in(tmp_path, monkeypatch):
+def test_evaluation_runs_in_the_precision_the_model_trained_in(tmp_path, monkeypatch, capsys):
     """A checkpoint records whether it trained under bf16 autocast; on a CPU with bf16 arithmetic
     its rollouts run the policy under it too (fp32 actions out, close to fp32's), and say so.
     Checkpoints that never recorded it, CUDA, and CPUs without bf16 stay in fp32."""
-    has_bf16 = device.bf16_pays("cpu")  # this machine's own answer, which the subprocesses get
+    has_bf16 = device.bf16_pays("cpu")  # this machine's own answer
     data = write_d4rl(tmp_path / "hopper-x.hdf5", [30, 30], state_dim=11, act_dim=3)
     out = tmp_path / "hopper.pt"
     train.main(["--data", str(data), "--max-steps", "1", *TINY, "--out", str(out)])
@@ -103,12 +103,13 @@ def test_evaluation_runs_in_the_precision_the_model_trained_in(tmp_path, monkeyp
 
     edited = tmp_path / "bf16.pt"
     torch.save({**ckpt, "bf16": True}, edited)
-    proc = run_cli("evaluate.py", str(edited), "--episodes", "1", "--json")
-    assert json.loads(proc.stdout)["precision"] == ("bf16" if has_bf16 else "fp32")
+    capsys.readouterr()  # the training's lines
+    evaluate.main([str(edited), "--episodes", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["precision"] == "bf16"
     ckpt.pop("bf16")
     torch.save(ckpt, edited)  # from before the precision was recorded: fp32, as it was evaluated then
-    proc = run_cli("evaluate.py", str(edited), "--episodes", "1", "--json")
-    assert json.loads(proc.stdout)["precision"] == "fp32"
+    evaluate.main([str(edited), "--episodes", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["precision"] == "fp32"
 
 
 def test_sharded_envs_step_exactly_as_one_process():
