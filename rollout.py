@@ -26,9 +26,10 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     launches replayed as one). It is off by default: compiling (about 30 s on a CPU) costs more
     than it saves in one 1000-step rollout (docs/speed.md). `env_workers` processes step the
     environments (vecenv.py); a recorder needs its episode here, in one process. `record`, a
-    list, gets every step's raw observations (episodes, obs size) for pictures of the paths. A
-    Trajectory Transformer plans instead (tt.Planner, with `planning`, a tt.PlanSettings). `bf16`
-    runs the DT's, BC's and IQL's forward under bf16 autocast (device.evaluates_in_bf16)."""
+    list (or anything with append), gets the raw observations (episodes, obs size) after the
+    reset and after every step, for pictures of the paths. A Trajectory Transformer plans instead
+    (tt.Planner, with `planning`, a tt.PlanSettings). `bf16` runs the DT's, BC's and IQL's forward
+    under bf16 autocast (device.evaluates_in_bf16)."""
     envs = make_envs(task, episodes, recorder, env_workers)
     check_env_matches(envs, task.env_id, model.cfg)
     device = next(model.parameters()).device

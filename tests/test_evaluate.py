@@ -44,6 +44,16 @@ def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
     assert len(set(np.round(together, 3))) == 4
 
 
+def test_evaluate_counts_the_steps_without_keeping_the_observations(tmp_path):
+    """evaluate.py's speed figures divide by the steps taken: its StepCounter, as rollout's
+    `record`, counts what a list would hold, less the reset, and keeps nothing."""
+    model, norm = untrained_hopper(tmp_path)
+    kept, counted = [], evaluate.StepCounter()
+    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, record=kept)
+    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, record=counted)
+    assert counted.taken == len(kept) - 1 > 0 and vars(counted) == {"taken": counted.taken}
+
+
 def test_the_policy_sees_the_same_shapes_at_every_step(tmp_path, monkeypatch):
     """rollout hands get_action a K-step window every time, padded and masked at the start: the
     fixed shapes that let torch.compile capture one step's forward once and replay it."""
