@@ -6,9 +6,12 @@ batched forward (on a GPU, at 1,000 episodes, it would take almost all of the ti
 
 gymnasium's AsyncVectorEnv gives every environment a process of its own, 1,000 processes for 1,000
 episodes. Here each of a few worker processes steps a contiguous share of the episodes in a
-gymnasium SyncVectorEnv, and every step the parent sends each worker its share of the actions and
-gathers what comes back. Episode i is still reset with seed + i, so the episodes are exactly those
-one process would run (test_sharded_envs_step_exactly_as_one_process).
+gymnasium SyncVectorEnv, reading its actions from shared memory and writing back what the
+environments return; a step's messages are one short command each way. Episode i is still reset
+with seed + i, so the episodes are exactly those one process would run
+(test_sharded_envs_step_exactly_as_one_process). From MANY_EPISODES on, the episodes are two
+parts with workers of their own, so that rollout.py can compute one part's actions while the
+other part's environments step.
 """
 import multiprocessing
 import signal
