@@ -246,7 +246,7 @@ def planning_step_seconds(model, data, episodes, settings, device, steps=3):
 
 def report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, step_flops, peak_mb, say):
     """The TT's half of the table: its training step, and planning in place of rollouts."""
-    settings = PlanSettings(**{k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon)) if v})
+    settings = PlanSettings.given(args.beam_width, args.horizon)
     peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
     planning = {n: planning_step_seconds(model, data, n, settings, device) for n in args.eval_episodes}

@@ -94,7 +94,7 @@ def main(argv=None):
     if not planning and (args.beam_width or args.horizon):
         raise RunError(f"{args.checkpoint}: --beam-width and --horizon are for a TT checkpoint; this is "
                        f"{model.cfg.kind.upper()}")
-    settings = PlanSettings(**{k: v for k, v in (("beam_width", args.beam_width), ("horizon", args.horizon)) if v})
+    settings = PlanSettings.given(args.beam_width, args.horizon)
     # In the training's precision where that pays; checkpoints from before it was recorded, in fp32.
     bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device)
     conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, TT plans

@@ -305,6 +305,11 @@ class PlanSettings:
     cdf_act: float = 0.6   # actions come from the most likely tokens that hold the top 40%
     context: int = 5       # real transitions before the current state that a plan starts from
 
+    @classmethod
+    def given(cls, beam_width=None, horizon=None):
+        """The settings with a command line's --beam-width and --horizon where given."""
+        return cls(**{k: v for k, v in (("beam_width", beam_width), ("horizon", horizon)) if v})
+
 
 def top_of_distribution(logits, cdf):
     """Logits with every token outside the most likely ones that together hold (1 - cdf) of the

@@ -121,7 +121,7 @@ class InProcess(Parted):
         self.spec, self.single_observation_space, self.single_action_space = (
             first.spec, first.single_observation_space, first.single_action_space)
         self.envs = [env for envs in self.vector_envs for env in envs.envs]  # env 0 is the one a video films
-        self.num_envs, self.results = num_envs, {}
+        self.results = {}
 
     def reset(self, seed):
         return np.concatenate([envs.reset(seed=seed + lo)[0] for envs, (lo, _) in zip(self.vector_envs, self.parts)]), {}
@@ -184,10 +184,6 @@ class ShardedVectorEnv(Parted):
         finally:
             signal.signal(signal.SIGINT, ctrl_c)
         self._gather(range(workers))  # every worker has made its environments
-
-    @property
-    def num_envs(self):
-        return self.bounds[-1]
 
     def reset(self, seed):
         for pipe in self.pipes:
