@@ -29,7 +29,9 @@ The model is untrained: speed does not depend on the weights, and an untrained c
 episodes last the same 1000 steps. Numbers are only comparable within one machine and session.
 """
 import argparse
+import copy
 import json
+import math
 import resource
 import sys
 import tempfile
@@ -44,10 +46,11 @@ from torch.utils.flop_counter import FlopCounterMode
 import train
 from checkpoint import RunError
 from device import compiles, evaluates_in_bf16, resolve_device
-from data import load_trajectories, sample_batch
+from data import load_trajectories
 from datafiles import DataError
 from rollout import rollout
 from tasks import locomotion_task
+from graphsteps import WARMUP_RUNS
 from tt import Planner, PlanSettings
 from vecenv import make_envs
 
@@ -55,6 +58,7 @@ TASK = locomotion_task("HalfCheetah-v5")
 # The modes --check compiles unless told otherwise. max-autotune-no-cudagraphs is offered too, but
 # on an H200 its autotuning of every small matmul was still going after four minutes.
 CHECK_MODES = ("default", "reduce-overhead")
+CHECK_GRAPH_STEPS = 50  # --check's whole-step mode: steps a replay
 COMPILE_MODES = (*CHECK_MODES, "max-autotune-no-cudagraphs")
 
 
@@ -84,11 +88,15 @@ def parse_args(argv=None):
                    help=f"with --check: the torch.compile modes to try (default: {' '.join(CHECK_MODES)})")
     for flag in ("--batch-size", "--context-len", "--n-layer", "--n-head", "--n-embd"):
         p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
+    p.add_argument("--graph-steps", type=int, metavar="K", help="as in train.py: K whole steps a CUDA graph "
+                   f"replay; with --check, the whole-step mode's K (default {CHECK_GRAPH_STEPS})")
     for flag in ("--beam-width", "--horizon"):
         p.add_argument(flag, type=int, help="--model tt: as in evaluate.py (default: the paper's)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or min(args.eval_episodes) < 1 or args.env_workers < 1:
         p.error("--steps, --warmup, --eval-episodes and --env-workers must be at least 1")
+    if args.graph_steps is not None and args.graph_steps < (1 if args.check else 0):
+        p.error(f"--graph-steps must be at least {1 if args.check else 0}")
     if (args.beam_width or args.horizon) and args.model != "tt":
         p.error("--beam-width and --horizon: for --model tt only")
     if min(v for v in (args.beam_width, args.horizon, 1) if v is not None) < 1:
@@ -118,7 +126,7 @@ def train_args(args):
     argv = ["--model", args.model, "--device", args.device] + (["--no-amp"] if args.no_amp else [])
     if args.compile is not None:
         argv.append("--compile" if args.compile else "--no-compile")
-    for name in ("batch_size", "context_len", "n_layer", "n_head", "n_embd"):
+    for name in ("batch_size", "context_len", "n_layer", "n_head", "n_embd", "graph_steps"):
         if getattr(args, name) is not None:
             argv += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     return train.parse_args(argv)
@@ -129,24 +137,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def timed_steps(model, objective, optimizer, data, targs, device, steps, warmup, seed=0):
+    """train.py's own steps (train.training_steps: one at a time, or --graph-steps K at a time),
+    `warmup` untimed and then `steps` timed. Returns (warm-up seconds, seconds a step, losses)."""
+    recipe, k = train.MODELS[targs.model], targs.graph_steps or 1
+    if k > 1:  # whole replays only, after the eager runs that come before recording
+        warmup = max(warmup, (WARMUP_RUNS + 1) * k)
+        warmup, steps = -(-warmup // k) * k, -(-steps // k) * k
+    gen = torch.Generator(device=device).manual_seed(seed)
+    run_steps = train.training_steps(recipe, model, objective, optimizer, data, targs, gen, warmup + steps, device)
+
+    def run(first, n):
+        losses = [run_steps(s, min(k, first + n - s)) for s in range(first, first + n, k)]
+        sync(device)
+        return losses
+
+    t0 = time.perf_counter()
+    run(0, warmup)  # includes torch.compile's tracing and code generation when compiling
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    losses = torch.cat(run(warmup, steps))
+    return warmup_s, (time.perf_counter() - t0) / steps, losses
+
+
 def bench_training(data, targs, device, steps, warmup):
     recipe = train.MODELS[targs.model]
     cfg = (recipe.config or train.model_config)(targs, data)
     model, objective, optimizer = train.setup_training(cfg, targs, device)
+    warmup_s, step_s, _ = timed_steps(model, objective, optimizer, data, targs, device, steps, warmup)
     gen = torch.Generator(device=device).manual_seed(0)
-
-    def run(n):
-        for _ in range(n):
-            batch = recipe.sample(data, targs, gen)
-            train.train_step(model, objective, optimizer, batch, targs.lr, targs)
-        sync(device)
-
-    t0 = time.perf_counter()
-    run(warmup)  # includes torch.compile's tracing and code generation when compiling
-    warmup_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    run(steps)
-    step_s = (time.perf_counter() - t0) / steps
 
     t0 = time.perf_counter()
     for _ in range(steps * 10):
@@ -180,7 +199,7 @@ def counted_flops(fn):
 
 def train_step_flops(model, objective, optimizer, data, targs):
     batch = train.MODELS[targs.model].sample(data, targs, torch.Generator(device=data.states.device))
-    return counted_flops(lambda: train.train_step(model, objective, optimizer, batch, targs.lr, targs))
+    return counted_flops(lambda: train.train_step(model, objective, optimizer, batch, targs))
 
 
 def eval_forward_flops(model, episodes, device):
@@ -279,34 +298,36 @@ def report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, st
 
 
 def check(args, data, device):
-    """The compiled training path checked against eager and timed, one compile mode at a time:
-    the same seed and batches, so the losses must agree (to the rounding of fused kernels and
-    another dropout stream); then evaluation with many episodes in parallel, eager and compiled
-    (CUDA graphs on a GPU), and the vector env alone, in one process and in --env-workers.
-    Returns one dict."""
+    """The compiled training paths checked against eager and timed: each compile mode, and the
+    whole step recorded as one CUDA graph (--graph-steps K, its objective compiled in the default
+    mode). The same seed, batches and schedule, so the losses must agree (to the rounding of fused
+    kernels and another dropout stream); each with the time the full --epochs 120 run on this
+    data would take at its rate. Then evaluation with many episodes in parallel, eager and
+    compiled (CUDA graphs on a GPU), and the vector env alone, in one process and in
+    --env-workers. Returns one dict."""
     targs = train_args(args)
-    targs.compile = False  # each mode is compiled here, not by setup_training
+    targs.compile, targs.graph_steps = False, 0  # each mode is set up here, not by setup_training
     cfg = train.model_config(targs, data)
+    k = args.graph_steps or CHECK_GRAPH_STEPS
+    # Every mode runs the steps the whole-step mode runs: its warm-up is K-step runs.
+    warmup, steps = -(-max(args.warmup, (WARMUP_RUNS + 1) * k) // k) * k, -(-args.steps // k) * k
+    epochs_120 = 120 * math.ceil(data.num_steps / (targs.batch_size * targs.context_len))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-              "bf16": train.use_bf16(targs, device), "steps": args.steps}
-    for mode in ("eager", *args.compile_modes):
+              "bf16": train.use_bf16(targs, device), "steps": steps, "graph_steps": k,
+              "epochs_120_steps": epochs_120}
+    modes = ("eager", *args.compile_modes, "whole-step graph")
+    for mode in modes:
         torch.manual_seed(0)
-        model, objective, optimizer = train.setup_training(cfg, targs, device)
+        mode_args = copy.copy(targs)
+        mode_args.graph_steps = k if mode == "whole-step graph" else 0
+        model, objective, optimizer = train.setup_training(cfg, mode_args, device)
         if mode != "eager":
-            objective = torch.compile(objective, mode=None if mode == "default" else mode)
-        gen, losses = torch.Generator(device=device).manual_seed(0), []
-        t0 = time.perf_counter()
-        for i in range(args.warmup + args.steps):
-            if i == args.warmup:  # compiling happens in the first steps; time the rest apart
-                sync(device)
-                t1 = time.perf_counter()
-            batch = sample_batch(data, targs.batch_size, targs.context_len, gen)
-            losses.append(train.train_step(model, objective, optimizer, batch, targs.lr, targs))
-        sync(device)
-        tail = torch.stack(losses[-max(1, args.steps // 5):]).mean().item()
-        result[mode] = {"warmup_s": t1 - t0, "steps_per_s": args.steps / (time.perf_counter() - t1), "loss": tail}
+            objective = torch.compile(objective, mode=mode if mode in COMPILE_MODES[1:] else None)
+        warmup_s, step_s, losses = timed_steps(model, objective, optimizer, data, mode_args, device, steps, warmup)
+        result[mode] = {"warmup_s": warmup_s, "steps_per_s": 1 / step_s, "epochs_120_s": epochs_120 * step_s,
+                        "loss": losses[-max(1, steps // 5):].mean().item()}
     eager = result["eager"]["loss"]
-    result["max_loss_gap"] = max(abs(result[m]["loss"] - eager) / eager for m in args.compile_modes)
+    result["max_loss_gap"] = max(abs(result[m]["loss"] - eager) / eager for m in modes[1:])
     model.eval()
     workers = result["env_workers"] = args.env_workers
     result["eval_env_steps_per_s_by_episodes"] = {n: env_steps_per_s(model, data, n, False, workers)

@@ -51,10 +51,13 @@ def compiles(requested, device):
     return wanted
 
 
-def compile_mode(device):
+def compile_mode(device, graphed=False):
     """On CUDA in one process, "reduce-overhead": a training step is hundreds of small kernels whose
     launches set the pace, and replaying them as CUDA graphs trained a whole 120-epoch run on an
     H200 at 243 steps/s against the default mode's 126 (docs/speed.md). Under torchrun, the default
     mode: CUDA graphs together with DDP's gradient hooks are unmeasured here and have had known
-    crashes (pytorch/pytorch#128218). On a CPU there are no graphs to replay."""
-    return "reduce-overhead" if device.startswith("cuda") and not torch.distributed.is_initialized() else None
+    crashes (pytorch/pytorch#128218). With --graph-steps (graphed) the default mode too: the whole
+    step is recorded around it, and graphs cannot be recorded inside graphs. On a CPU there are no
+    graphs to replay."""
+    one_process = not torch.distributed.is_initialized()
+    return "reduce-overhead" if device.startswith("cuda") and one_process and not graphed else None

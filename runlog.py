@@ -51,8 +51,8 @@ class Progress:
         self.bar = tqdm(desc="train", unit="step", dynamic_ncols=True, initial=start, total=total,
                         disable=not enabled or self.plain, file=self.stream)
 
-    def update(self):
-        self.bar.update()
+    def update(self, steps=1):
+        self.bar.update(steps)
 
     def log(self, step, loss, lr):
         if not self.plain:

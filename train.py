@@ -33,6 +33,7 @@ from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, che
 from data import load_trajectories, sample_batch
 from datafiles import DataError
 from device import bf16_pays, compile_mode, compiles, evaluates_in_bf16, resolve_device
+from graphsteps import GraphedSteps
 from model import DTConfig, configure_optimizer, get_lr
 from rollout import rollout
 from runlog import Progress, mean_finite_loss, open_log
@@ -105,7 +106,7 @@ MODELS = {
 }
 # The flags every model reads; the others belong to the models whose `settings` name them.
 COMMON = ("data", "env", "model", "epochs", "max_steps", "batch_size", "lr", "reward_mode", "top_pct",
-          "device", "no_amp", "compile", "seed", "out", "overwrite", "log_every", "save_every",
+          "device", "no_amp", "compile", "graph_steps", "seed", "out", "overwrite", "log_every", "save_every",
           "eval_every", "eval_episodes", "target", "resume")
 
 
@@ -142,6 +143,9 @@ def parse_args(argv=None):
                    help="train in fp32 instead of bf16 autocast (CUDA, and CPUs with bf16 arithmetic)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction,
                    help="torch.compile the training forward (default: on CUDA, off on a CPU)")
+    p.add_argument("--graph-steps", type=int, default=0, metavar="K",
+                   help="on one GPU, record K whole training steps (batch, forward, backward, update) as one "
+                        "CUDA graph and replay it (0: off; on a CPU the same steps run without a graph)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="ckpt.pt", help="checkpoint path; the CSV log goes beside it")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run's checkpoint at --out")
@@ -186,19 +190,23 @@ def setup_training(cfg, args, device):
     recipe = MODELS[args.model]
     model = build_model(cfg).to(device)
     optimizer = recipe.optimizer(model, args)
-    # bf16 for the matmuls, fp32 weights and optimizer state.
+    # bf16 for the matmuls, fp32 weights and optimizer state. No cache of bf16 weight copies: each
+    # weight is cast once a forward anyway, and a recorded CUDA graph must not keep them.
     amp = torch.autocast("cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
-                         enabled=use_bf16(args, device))
+                         enabled=use_bf16(args, device), cache_enabled=False)
     objective = recipe.objective(model, args, amp)
     if compiles(args.compile, device):
-        objective = torch.compile(objective, mode=compile_mode(device))
+        objective = torch.compile(objective, mode=compile_mode(device, graphed=args.graph_steps > 0))
     return model, distributed.wrap(objective, device), optimizer
 
 
-def train_step(model, objective, optimizer, batch, lr, args):
-    """One optimizer step on one batch; returns the loss as a device tensor (no host sync)."""
+def set_lr(optimizer, lr, args):
     for group in optimizer.param_groups:  # a "constant" group (IQL's critics) keeps --lr
         group["lr"] = args.lr if group.get("schedule") == "constant" else lr
+
+
+def train_step(model, objective, optimizer, batch, args):
+    """One optimizer step on one batch; returns the loss as a device tensor (no host sync)."""
     loss = objective(*batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -211,6 +219,34 @@ def train_step(model, objective, optimizer, batch, lr, args):
     return loss.detach()
 
 
+def training_steps(recipe, model, objective, optimizer, data, args, gen, total_steps, device):
+    """(step, n) -> the losses of training steps step .. step + n - 1, (n,) on the device: one
+    step at a time as below, or with --graph-steps K the same steps recorded as a CUDA graph
+    (graphsteps.py)."""
+    if args.graph_steps:
+        return GraphedSteps(args.graph_steps, lambda batch: train_step(model, objective, optimizer, batch, args),
+                            lambda: recipe.sample(data, args, gen), lambda s: recipe.lr(s, total_steps, args.lr),
+                            total_steps, optimizer, gen, device).run
+
+    def run(step, n):
+        losses = []
+        for s in range(step, step + n):
+            set_lr(optimizer, recipe.lr(s, total_steps, args.lr), args)
+            batch = recipe.sample(data, args, gen)
+            losses.append(train_step(model, objective, optimizer, batch, args))
+        return torch.stack(losses)
+    return run
+
+
+def steps_before_looking_up(done, total_steps, args):
+    """How many steps the loop runs before it looks at signals, logs and saves again: one, or with
+    --graph-steps up to K, never past a log, save or evaluation point or the end."""
+    if not args.graph_steps:
+        return 1
+    every = [e for e in (args.log_every, args.save_every, args.eval_every) if e]
+    return min(args.graph_steps, total_steps - done, *((done // e + 1) * e - done for e in every))
+
+
 def main(argv=None):
     args, saved = parse_args(argv), None
     if args.resume:
@@ -218,6 +254,8 @@ def main(argv=None):
     args.data = args.data or DEFAULT_DATA
     recipe = MODELS[args.model]
     rank, world, device = distributed.init(resolve_device(args.device))
+    if args.graph_steps and world > 1:
+        raise RunError("--graph-steps: one process only (CUDA graphs around DDP's gradient hooks are untested here)")
     master = rank == 0  # the one process that prints, logs, evaluates and writes the checkpoint
     say = print if master else (lambda *_: None)
     # Settle the output before any work: a path that cannot be written is found now, not after
@@ -260,16 +298,17 @@ def main(argv=None):
         n_recent, saved_step = 0, start_step if saved else None
         t0, eval_time = time.time(), 0.0  # elapsed_s in the log is training time, evaluation excluded
         progress = Progress(start_step, total_steps, enabled=master)
+        run_steps = training_steps(recipe, model, objective, optimizer, data, args, gen, total_steps, device)
+        done = start_step
         with StopOnSignal() as signals:
-            for step in range(start_step, total_steps):
-                # sample -> step. The loss stays on the device: no host sync until a log point.
-                lr = recipe.lr(step, total_steps, args.lr)
-                batch = recipe.sample(data, args, gen)
-                recent[n_recent] = train_step(model, objective, optimizer, batch, lr, args)
-                n_recent += 1
-                progress.update()
+            while done < total_steps:
+                # sample -> step, n steps at a time: one, or with --graph-steps up to K replayed as
+                # one CUDA graph. The losses stay on the device: no host sync until a log point.
+                n = steps_before_looking_up(done, total_steps, args)
+                recent[n_recent:n_recent + n] = run_steps(done, n)
+                n_recent, done = n_recent + n, done + n
+                progress.update(n)
 
-                done = step + 1
                 if world == 1:
                     stop = signals.requested
                 else:  # agreeing costs a host sync, so the processes agree at log points only
@@ -280,6 +319,7 @@ def main(argv=None):
                 if not (saving or done % args.log_every == 0):
                     continue
                 # log -> evaluate -> save
+                lr = recipe.lr(done - 1, total_steps, args.lr)
                 loss_avg = mean_finite_loss(recent[:n_recent].tolist(), done - n_recent + 1, args.out, saved_step)
                 n_recent = 0
                 if master:
@@ -377,7 +417,8 @@ def check_args(p, args):
                              ("--context-len", args.context_len, 1), ("--n-layer", args.n_layer, 1),
                              ("--n-head", args.n_head, 1), ("--n-embd", args.n_embd, 1),
                              ("--log-every", args.log_every, 1), ("--save-every", args.save_every, 1),
-                             ("--eval-every", args.eval_every, 0), ("--eval-episodes", args.eval_episodes, 1)):
+                             ("--eval-every", args.eval_every, 0),
+                             ("--graph-steps", args.graph_steps, 0), ("--eval-episodes", args.eval_episodes, 1)):
         if value is not None and value < low:
             p.error(f"{flag} must be at least {low}, not {value}")
     if not args.epochs > 0:

@@ -43,7 +43,8 @@ def test_bench_times_the_trajectory_transformer_and_its_planning(capsys, monkeyp
 def test_bench_flags_for_another_model_are_refused(capsys):
     for argv, words in ((["--beam-width", "4"], "for --model tt only"),
                         (["--model", "iql", "--check"], "leave out --model"),
-                        (["--model", "tt", "--horizon", "0"], "at least 1")):
+                        (["--model", "tt", "--horizon", "0"], "at least 1"),
+                        (["--check", "--graph-steps", "0"], "--graph-steps must be at least 1")):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert words in capsys.readouterr().err
@@ -52,9 +53,12 @@ def test_bench_flags_for_another_model_are_refused(capsys):
 @needs_compiler
 def test_the_compiled_path_check_reports_each_mode_against_eager(capsys):
     result = bench.main(["--synthetic", "--check", "--steps", "4", "--warmup", "1", "--eval-episodes", "2",
-                         "--compile-modes", "default", "--env-workers", "2", *TINY])
+                         "--compile-modes", "default", "--graph-steps", "2", "--env-workers", "2", *TINY])
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
-    assert result["eager"]["steps_per_s"] > 0 and result["default"]["steps_per_s"] > 0
+    for mode in ("eager", "default", "whole-step graph"):  # the last runs its steps 2 at a time
+        assert result[mode]["steps_per_s"] > 0, mode
+        # 1M synthetic steps in batches of 8 windows of 4: 31,250 steps an epoch
+        assert result[mode]["epochs_120_s"] == pytest.approx(120 * 31250 / result[mode]["steps_per_s"])
     assert result["max_loss_gap"] < 0.05  # the same batches and seed: compiled training learns the same
     assert result["env_workers"] == 2  # the rollouts step their environments in 2 processes
     for curve in ("eval_env_steps_per_s_by_episodes", "eval_compiled_env_steps_per_s_by_episodes",

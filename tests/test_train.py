@@ -110,6 +110,7 @@ def test_a_compiled_forward_gives_the_eager_loss_and_gradients(tmp_path):
 def test_one_gpu_compiles_to_cuda_graphs_but_torchrun_and_the_cpu_do_not(monkeypatch):
     assert device.compile_mode("cpu") is None  # no graphs to replay on a CPU
     assert device.compile_mode("cuda") == "reduce-overhead"
+    assert device.compile_mode("cuda", graphed=True) is None  # --graph-steps records the whole step
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     assert device.compile_mode("cuda:1") is None  # DDP's gradient hooks: the default mode
 
@@ -172,6 +173,49 @@ def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
         assert [row["step"] for row in csv.DictReader(f)] == ["5", "6", "10", "12"]
 
 
+@pytest.mark.parametrize("model", ["dt", "iql"])
+def test_graphed_steps_are_the_plain_loops_steps_and_resume_exactly(tmp_path, monkeypatch, model):
+    """--graph-steps K runs K whole steps per call, the learning rate read from a device table (on a
+    GPU, one CUDA graph replay; on a CPU, eagerly): the same steps as the plain loop, to the last bit,
+    cut short at log and save points, and stopped and resumed exactly."""
+    data = write_d4rl(tmp_path / "halfcheetah-g.hdf5", [50] * 4)
+    size = {"dt": TINY, "iql": ["--model", "iql", "--batch-size", "8", "--n-embd", "16"]}[model]
+    run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size]
+    plain, graphed, split = tmp_path / "plain.pt", tmp_path / "graphed.pt", tmp_path / "split.pt"
+    train.main(run + ["--out", str(plain)])
+    train.main(run + ["--graph-steps", "4", "--out", str(graphed)])  # runs of 4, 1, 4, 1, 2 steps
+
+    calls, real_step = 0, train.train_step
+
+    def step_then_ctrl_c(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 6:  # during step 6: the run of steps 6-9 finishes, then the run stops
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args)
+
+    monkeypatch.setattr(train, "train_step", step_then_ctrl_c)
+    train.main(run + ["--graph-steps", "4", "--out", str(split)])
+    assert torch.load(split, weights_only=True)["step"] == 9
+    monkeypatch.undo()
+    train.main(["--resume", str(split)])
+
+    a = torch.load(plain, weights_only=True)
+    for other in (graphed, split):
+        b = torch.load(other, weights_only=True)
+        assert b["step"] == 12 and b["train_args"]["graph_steps"] == 4
+        for name in a["model"]:
+            assert torch.equal(a["model"][name], b["model"][name]), name
+        for i, state in a["optimizer"]["state"].items():
+            assert all(torch.equal(v, b["optimizer"]["state"][i][k]) for k, v in state.items())
+    logs = {}
+    for path in (plain, graphed, split):
+        with open(path.with_suffix(".csv")) as f:
+            logs[path] = [(row["step"], row["loss"], row["lr"]) for row in csv.DictReader(f)]
+    assert logs[plain] == logs[graphed] and [step for step, *_ in logs[plain]] == ["5", "10", "12"]
+    assert [step for step, *_ in logs[split]] == ["5", "9", "10", "12"]
+
+
 def test_resume_refuses_other_data_and_changed_settings(tmp_path, trained):
     ckpt = edited_checkpoint(trained, tmp_path / "copy.pt")
     other = write_d4rl(tmp_path / "halfcheetah-other.hdf5", [40, 40], seed=5)
@@ -230,6 +274,7 @@ def test_bad_training_arguments_are_refused_before_any_work(tmp_path):
     for flags, words in [(["--epochs", "-1"], "--epochs must be above 0"), (["--epochs", "0"], "--epochs"),
                          (["--max-steps", "0"], "--max-steps must be at least 1"),
                          (["--batch-size", "0"], "--batch-size must be at least 1"),
+                         (["--graph-steps", "-1"], "--graph-steps must be at least 0"),
                          (["--n-embd", "30", "--n-head", "4"], "multiple of --n-head")]:
         assert_usage_error(run_cli("train.py", "--data", data, *flags, "--out", str(tmp_path / "x.pt")), words)
     assert not (tmp_path / "x.pt").exists()
