@@ -6,6 +6,7 @@ measured against).
     python train.py --data my.hdf5 --max-steps 2000
     python train.py --data maze2d-umaze-sparse.hdf5  # a maze: the file names its evaluation
     python train.py --resume ckpt.pt              # continue an interrupted run exactly
+    python train.py --graph-steps 50              # one GPU: 50 whole steps per CUDA graph replay
     torchrun --nproc_per_node 2 train.py ...      # data-parallel over 2 processes (GPUs or CPU)
 
 One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps
