@@ -49,8 +49,8 @@ from device import compiles, evaluates_in_bf16, resolve_device
 from data import load_trajectories
 from datafiles import DataError
 from rollout import rollout
-from tasks import locomotion_task
 from graphsteps import WARMUP_RUNS
+from tasks import locomotion_task
 from tt import Planner, PlanSettings
 from vecenv import make_envs
 
@@ -137,13 +137,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+def whole_runs(warmup, steps, k):
+    """(warm-up, timed) step counts in whole K-step runs, the warm-up covering the eager runs that
+    come before a graph is recorded."""
+    warmup = max(warmup, (WARMUP_RUNS + 1) * k)
+    return -(-warmup // k) * k, -(-steps // k) * k
+
+
 def timed_steps(model, objective, optimizer, data, targs, device, steps, warmup, seed=0):
     """train.py's own steps (train.training_steps: one at a time, or --graph-steps K at a time),
     `warmup` untimed and then `steps` timed. Returns (warm-up seconds, seconds a step, losses)."""
     recipe, k = train.MODELS[targs.model], targs.graph_steps or 1
-    if k > 1:  # whole replays only, after the eager runs that come before recording
-        warmup = max(warmup, (WARMUP_RUNS + 1) * k)
-        warmup, steps = -(-warmup // k) * k, -(-steps // k) * k
+    if k > 1:
+        warmup, steps = whole_runs(warmup, steps, k)
     gen = torch.Generator(device=device).manual_seed(seed)
     run_steps = train.training_steps(recipe, model, objective, optimizer, data, targs, gen, warmup + steps, device)
 
@@ -310,7 +316,7 @@ def check(args, data, device):
     cfg = train.model_config(targs, data)
     k = args.graph_steps or CHECK_GRAPH_STEPS
     # Every mode runs the steps the whole-step mode runs: its warm-up is K-step runs.
-    warmup, steps = -(-max(args.warmup, (WARMUP_RUNS + 1) * k) // k) * k, -(-args.steps // k) * k
+    warmup, steps = whole_runs(args.warmup, args.steps, k)
     epochs_120 = 120 * math.ceil(data.num_steps / (targs.batch_size * targs.context_len))
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
               "bf16": train.use_bf16(targs, device), "steps": steps, "graph_steps": k,
