@@ -129,8 +129,8 @@ def figure_paths(ckpts, out, episodes):
         maze.draw(ax)
         draw_paths(ax, maze, paths, returns)
         ax.set_title(f"{Path(ckpt).stem} ({kind}): {task.normalized_score(returns.mean()):.1f}", fontsize=9)
-    fig.suptitle(f"{episodes} evaluation episodes each, the same starts (dots); colour: the episode's return "
-                 f"(yellow: the panel's best)")
+    fig.suptitle(f"{episodes} evaluation episodes each, the same starts (dots);\n"
+                 f"colour: the episode's return (yellow: the panel's best)", fontsize=10)
     save(fig, out)
 
 
