@@ -25,7 +25,8 @@ likely tokens that hold 40% of the probability (cdf 0.6), its reward and value r
 expectations over their bins, its next state the most likely tokens. The beams with the highest
 sum of predicted rewards plus discounted value are kept, and the agent takes the first action of
 the best plan, re-planning every step. A key/value cache makes each generated token one token's
-work, all episodes' beams in one batch.
+work, all episodes' beams in one batch; an episode's history, the same for all its beams, is read
+once and its keys and values shared by them.
 """
 import math
 from dataclasses import dataclass
@@ -161,41 +162,92 @@ class TrajectoryTransformer(nn.Module):
         return their logits (B, T, N + 1) and the cache, which now holds them too. The same
         numbers as forward() on the whole window, for one pass over the new tokens only."""
         cache = cache or KVCache(self, tokens.shape[0], tokens.device)
-        start, end = cache.length, cache.length + tokens.shape[1]
+        start = cache.position
         x = self.embed(tokens, start)
-        mask = attention_mask(end, self.cfg.transition_dim, tokens.device, offset=start)
-        for block, keys, values in zip(self.blocks, cache.keys, cache.values):
+        mask = attention_mask(start + tokens.shape[1], self.cfg.transition_dim, tokens.device, offset=start)
+        for layer, block in enumerate(self.blocks):
             attn = block.attn
             B, T, C = x.shape
             q, k, v = attn.qkv(block.ln_1(x)).split(C, dim=2)
             q, k, v = (t.view(B, T, attn.n_head, C // attn.n_head).transpose(1, 2) for t in (q, k, v))
-            keys[:, :, start:end], values[:, :, start:end] = k, v  # written in place, never copied
-            # Attention written out: for a token or two against a window of cached keys, the fused
-            # kernel's set-up costs more than the arithmetic (3x slower here on a CPU).
-            scores = (q @ keys[:, :, :end].transpose(-2, -1)) / math.sqrt(q.shape[-1])
-            y = scores.masked_fill(~mask, -math.inf).softmax(-1) @ values[:, :, :end]
+            y = cache.attend(layer, q, k, v, mask)
             x = x + attn.proj(y.transpose(1, 2).reshape(B, T, C))
             x = x + block.mlp(block.ln_2(x))
-        cache.length = end
+        cache.length += tokens.shape[1]
         return self.logits(x, start), cache
 
 
 class KVCache:
-    """Every layer's keys and values for a batch of token sequences, (B, heads, window, head size)
-    buffers the length of the model's window, filled up to `length`: a new token writes its row,
-    and nothing already there is copied."""
+    """Every layer's keys and values for B token sequences, kept as planning needs them. The
+    sequences may come in G equal groups (an episode's beams) that begin with the same `shared`
+    tokens (the episode's history), whose keys and values are then kept once per group,
+    (G, heads, shared, head size). Each sequence's own tokens after them go in a
+    (B, heads, window - shared, head size) buffer filled up to `length`: a new token writes its
+    row, nothing already there is copied, and keeping or repeating sequences copies only their own
+    filled rows, not the history every beam of an episode has in common."""
 
     def __init__(self, model, batch, device):
         cfg = model.cfg
         shape = (batch, cfg.n_head, model.block_size, cfg.n_embd // cfg.n_head)
         self.keys = [torch.zeros(shape, device=device) for _ in model.blocks]
         self.values = [torch.zeros(shape, device=device) for _ in model.blocks]
-        self.length = 0
+        self.shared_keys, self.shared_values = [], []
+        self.shared, self.length = 0, 0
+
+    @property
+    def position(self):
+        """The window position of the next token."""
+        return self.shared + self.length
+
+    def share(self, copies):
+        """Every sequence so far becomes the shared beginning of a group of `copies` sequences."""
+        assert not self.shared, "a cache is shared once"
+        self.shared_keys = [k[:, :, :self.length] for k in self.keys]
+        self.shared_values = [v[:, :, :self.length] for v in self.values]
+        B, n_head, window, head_size = self.keys[0].shape
+        shape = (B * copies, n_head, window - self.length, head_size)
+        self.keys = [k.new_zeros(shape) for k in self.keys]
+        self.values = [v.new_zeros(shape) for v in self.values]
+        self.shared, self.length = self.length, 0
 
     def take(self, rows):
-        """Keep (and repeat) the sequences `rows`, a (B',) index."""
-        self.keys = [k[rows] for k in self.keys]
-        self.values = [v[rows] for v in self.values]
+        """Keep (and repeat) the sequences `rows`, a (B',) index that keeps the groups in order and
+        of equal size (plan's expansions and its top W per episode do)."""
+        self.keys = [self._gathered(k, rows) for k in self.keys]
+        self.values = [self._gathered(v, rows) for v in self.values]
+
+    def _gathered(self, buffer, rows):
+        out = buffer.new_empty((len(rows), *buffer.shape[1:]))
+        out[:, :, :self.length] = buffer[:, :, :self.length].index_select(0, rows)
+        return out
+
+    def attend(self, layer, q, k, v, mask):
+        """Write the new tokens' keys and values, (B, heads, T, head size), after the cached ones
+        and return the attention output of their queries q over the group's shared tokens and the
+        sequence's own; mask (T, shared + length + T) says which each may see. Written out: for a
+        token or two against a window of cached keys, the fused kernel's set-up costs more than
+        the arithmetic (3x slower here on a CPU)."""
+        end = self.length + q.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
+        scores = (q @ keys[:, :, :end].transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, T, end)
+        if self.shared:
+            scores = torch.cat((self._per_group(q, self.shared_keys[layer].transpose(-2, -1)) / math.sqrt(q.shape[-1]),
+                                scores), dim=-1)
+        probs = scores.masked_fill(~mask, -math.inf).softmax(-1)
+        y = probs[..., self.shared:] @ values[:, :, :end]
+        if self.shared:
+            y = y + self._per_group(probs[..., :self.shared].contiguous(), self.shared_values[layer])
+        return y
+
+    @staticmethod
+    def _per_group(x, shared):
+        """x (B, heads, T, n) @ shared (G, heads, n, m) -> (B, heads, T, m), each sequence against its
+        group's matrix: one matmul per group and head, the group's rows stacked."""
+        G, (B, H, T, n) = shared.shape[0], x.shape
+        stacked = x.view(G, B // G, H, T, n).transpose(1, 2).reshape(G, H, B // G * T, n)
+        out = stacked @ shared
+        return out.view(G, H, B // G, T, -1).transpose(1, 2).reshape(B, H, T, -1)
 
 
 def weighted_token_loss(logits, targets, mask, cfg):
@@ -341,7 +393,7 @@ class Search:
     def append(self, tokens):
         """(B,) tokens appended to every sequence; self.logits becomes the next token's."""
         self.seq = torch.cat((self.seq, tokens[:, None]), dim=1)
-        if self.cache.length + 1 > self.model.block_size:
+        if self.cache.position + 1 > self.model.block_size:
             self.logits, self.cache = self._refill()
         else:
             logits, self.cache = self.model.extend(tokens[:, None], self.cache)
@@ -351,6 +403,12 @@ class Search:
         """Keep (and repeat) the sequences `rows` (a (B',) index), with their caches."""
         self.seq, self.logits = self.seq[rows], self.logits[rows]
         self.cache.take(rows)
+
+    def share(self, copies):
+        """Each sequence becomes `copies` identical ones that share its cache so far."""
+        self.seq = self.seq.repeat_interleave(copies, dim=0)
+        self.logits = self.logits.repeat_interleave(copies, dim=0)
+        self.cache.share(copies)
 
 
 @torch.no_grad()
@@ -363,7 +421,10 @@ def plan(model, disc, prefix, settings, generator=None):
     W, X, H = settings.beam_width, settings.n_expand, settings.horizon
     centres = disc.centres().to(prefix.device)  # (N, D)
     discounts = cfg.discount ** torch.arange(H + 1, device=prefix.device, dtype=torch.float32)
-    search = Search(model, prefix.repeat_interleave(W, dim=0), settings.context)
+    # The prefix is the same for all of an episode's beams: read once per episode, its keys and
+    # values shared by the W beams (for Hopper it is 91 of a plan's 160 tokens).
+    search = Search(model, prefix, settings.context)
+    search.share(W)
     rewards = torch.zeros(E * W, H + 1, device=prefix.device)
     for h in range(H):
         # Expand every kept plan into X continuations: rows stay grouped by episode.

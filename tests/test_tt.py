@@ -63,6 +63,28 @@ def test_cached_generation_equals_the_full_forward():
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_beams_that_share_a_prefix_equal_the_full_forward():
+    """As planning uses the cache: two episodes' prefixes read once, shared by three beams each,
+    the beams kept and repeated within their episode, then each beam's own tokens."""
+    torch.manual_seed(0)
+    model = tt.TrajectoryTransformer(SMALL).eval()
+    D = SMALL.transition_dim
+    prefix = random_tokens(SMALL, 2, D + 3)  # a transition and a state, per episode
+    own = random_tokens(SMALL, 6, 2 * D, seed=1)  # each beam's tokens after it
+    kept = torch.tensor([1, 1, 0, 5, 3, 3])  # after 4 own tokens: within each episode's three beams
+    with torch.no_grad():
+        _, cache = model.extend(prefix)
+        cache.share(3)
+        first, cache = model.extend(own[:, :4], cache)
+        cache.take(kept)
+        rest = [model.extend(own[kept, i:i + 1], cache)[0] for i in range(4, own.shape[1])]
+        rows = torch.cat((prefix.repeat_interleave(3, dim=0), own), dim=1)
+        full = model(rows)
+    P = prefix.shape[1]
+    torch.testing.assert_close(first, full[:, P:P + 4], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(rest, dim=1), model(rows[kept])[:, P + 4:], rtol=1e-5, atol=1e-5)
+
+
 class RewardForActionTwo:
     """A hand-built stand-in for the model, for one state dimension and one action dimension, 4
     bins: any action token is equally likely, and the reward that follows is bin 3 after action 2
@@ -76,11 +98,14 @@ class RewardForActionTwo:
             self.seq = seq
 
         @property
-        def length(self):
+        def position(self):
             return self.seq.shape[1]
 
         def take(self, rows):
             self.seq = self.seq[rows]
+
+        def share(self, copies):
+            self.take(torch.arange(len(self.seq)).repeat_interleave(copies))
 
     def extend(self, tokens, cache=None):
         seq = torch.cat((cache.seq, tokens), dim=1) if cache else tokens
