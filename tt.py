@@ -230,14 +230,15 @@ class KVCache:
         end = self.length + q.shape[2]
         keys, values = self.keys[layer], self.values[layer]
         keys[:, :, self.length:end], values[:, :, self.length:end] = k, v
-        scores = (q @ keys[:, :, :end].transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, heads, T, end)
+        root = math.sqrt(q.shape[-1])
+        scores = (q @ keys[:, :, :end].transpose(-2, -1)) / root  # (B, heads, T, end)
         if self.shared:
-            scores = torch.cat((self._per_group(q, self.shared_keys[layer].transpose(-2, -1)) / math.sqrt(q.shape[-1]),
-                                scores), dim=-1)
+            shared_scores = self._per_group(q, self.shared_keys[layer].transpose(-2, -1)) / root
+            scores = torch.cat((shared_scores, scores), dim=-1)
         probs = scores.masked_fill(~mask, -math.inf).softmax(-1)
         y = probs[..., self.shared:] @ values[:, :, :end]
         if self.shared:
-            y = y + self._per_group(probs[..., :self.shared].contiguous(), self.shared_values[layer])
+            y = y + self._per_group(probs[..., :self.shared], self.shared_values[layer])
         return y
 
     @staticmethod
@@ -245,7 +246,7 @@ class KVCache:
         """x (B, heads, T, n) @ shared (G, heads, n, m) -> (B, heads, T, m), each sequence against its
         group's matrix: one matmul per group and head, the group's rows stacked."""
         G, (B, H, T, n) = shared.shape[0], x.shape
-        stacked = x.view(G, B // G, H, T, n).transpose(1, 2).reshape(G, H, B // G * T, n)
+        stacked = x.reshape(G, B // G, H, T, n).transpose(1, 2).reshape(G, H, B // G * T, n)
         out = stacked @ shared
         return out.view(G, H, B // G, T, -1).transpose(1, 2).reshape(B, H, T, -1)
 
