@@ -48,10 +48,10 @@ from checkpoint import RunError
 from device import compiles, evaluates_in_bf16, resolve_device
 from data import load_trajectories
 from datafiles import DataError
-from rollout import rollout
 from graphsteps import WARMUP_RUNS
+from plan import Planner, PlanSettings
+from rollout import rollout
 from tasks import locomotion_task
-from tt import Planner, PlanSettings
 from vecenv import make_envs
 
 TASK = locomotion_task("HalfCheetah-v5")

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from checkpoint import RunError, load_checkpoint
 from device import evaluates_in_bf16, resolve_device
+from plan import PlanSettings
 from rollout import rollout
 from tasks import task_from_checkpoint
-from tt import PlanSettings
 
 
 MANY_EPISODES = 100  # from here on the environments, stepped one by one, cost more than the policy

@@ -12,7 +12,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import RunError
-from tt import Planner, PlanSettings, TrajectoryTransformer
+from plan import Planner, PlanSettings
+from tt import TrajectoryTransformer
 from vecenv import make_envs
 
 
@@ -28,7 +29,7 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     environments (vecenv.py); a recorder needs its episode here, in one process. `record`, a
     list (or anything with append), gets the raw observations (episodes, obs size) after the
     reset and after every step, for pictures of the paths. A Trajectory Transformer plans instead
-    (tt.Planner, with `planning`, a tt.PlanSettings). `bf16` runs the DT's, BC's and IQL's forward
+    (plan.Planner, with `planning`, a plan.PlanSettings). `bf16` runs the DT's, BC's and IQL's forward
     under bf16 autocast (device.evaluates_in_bf16)."""
     envs = make_envs(task, episodes, recorder, env_workers)
     check_env_matches(envs, task.env_id, model.cfg)

@@ -1,11 +1,12 @@
-"""Tests of tt.py, the Trajectory Transformer: its tokens, its causality, its cache, its beam search,
-and its place in train.py and evaluate.py."""
+"""Tests of tt.py and plan.py, the Trajectory Transformer: its tokens, its causality, its cache, its
+beam search, and its place in train.py and evaluate.py."""
 import json
 
 import numpy as np
 import torch
 
 import evaluate
+import plan
 import train
 import tt
 from checkpoint import load_checkpoint
@@ -127,8 +128,8 @@ def test_beam_search_finds_the_plan_that_earns_the_most():
     stub = RewardForActionTwo()
     disc = tt.Discretizer(np.arange(5, dtype=np.float32)[:, None].repeat(4, 1) - 0.5)  # bin k decodes as k
     prefix = torch.zeros(3, 1, dtype=torch.long)  # three episodes, each at state bin 0
-    settings = tt.PlanSettings(horizon=3, beam_width=8, n_expand=4)
-    actions, predicted = tt.plan(stub, disc, prefix, settings, torch.Generator().manual_seed(0))
+    settings = plan.PlanSettings(horizon=3, beam_width=8, n_expand=4)
+    actions, predicted = plan.plan(stub, disc, prefix, settings, torch.Generator().manual_seed(0))
     assert actions.tolist() == [[2], [2], [2]]
     assert predicted[:, :3].tolist() == [[3.0, 3.0, 3.0]] * 3  # action 2 at every step of the plan
 
