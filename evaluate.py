@@ -96,7 +96,8 @@ def main(argv=None):
                        f"{model.cfg.kind.upper()}")
     settings = PlanSettings.given(args.beam_width, args.horizon)
     # In the training's precision where that pays; checkpoints from before it was recorded, in fp32.
-    bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device)
+    # A plan is searched in fp32: its beams are ranked by sums of predicted rewards and values.
+    bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device) and not planning
     conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, TT plans
     if not conditioned and len(targets) > 1:
         print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",

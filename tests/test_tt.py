@@ -5,6 +5,7 @@ import json
 import numpy as np
 import torch
 
+import device
 import evaluate
 import plan
 import train
@@ -134,7 +135,10 @@ def test_beam_search_finds_the_plan_that_earns_the_most():
     assert predicted[:, :3].tolist() == [[3.0, 3.0, 3.0]] * 3  # action 2 at every step of the plan
 
 
-def test_a_tt_run_trains_and_plans_end_to_end(tmp_path, capsys):
+def test_a_tt_run_trains_and_plans_end_to_end(tmp_path, capsys, monkeypatch):
+    """A plan is searched in fp32 and says so, even where a DT trained in bf16 would evaluate in it."""
+    for module in (device, train):  # train.py imported the function itself
+        monkeypatch.setattr(module, "bf16_pays", lambda d: True)
     data = write_d4rl(tmp_path / "hopper-tt.hdf5", [40, 15, 70, 9, 33, 25], state_dim=11, act_dim=3)
     out = tmp_path / "tt.pt"
     train.main(["--data", str(data), "--model", "tt", "--max-steps", "3", "--batch-size", "4", "--n-layer", "1",
@@ -146,6 +150,7 @@ def test_a_tt_run_trains_and_plans_end_to_end(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert (result["model"], result["beam_width"], result["horizon"]) == ("tt", 2, 2)
     assert result["seconds_per_step"] > 0 and len(result["returns"]) == 2
+    assert load_checkpoint(out)[2]["bf16"] and result["precision"] == "fp32"
 
 
 def test_the_penalty_and_the_value_follow_the_paper(tmp_path):
