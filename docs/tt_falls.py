@@ -1,8 +1,9 @@
 """
-Does the Trajectory Transformer's plan see a fall coming? Plans Hopper episodes with a TT
-checkpoint (plan.Planner, all episodes in one batch) and writes, for every step of every episode,
-the reward and discounted return its best plan expected against the reward the step paid and
-whether the body fell (results/README.md, "What planning bought"):
+Does the Trajectory Transformer's plan see a fall coming? Plans episodes in the environment of a
+TT checkpoint (a body that can fall: Hopper, Walker2d; plan.Planner, all episodes in one batch)
+and writes, for every step of every episode, the reward and discounted return its best plan
+expected against the reward the step paid and whether the body fell (results/README.md, "Its
+plans did not see the falls coming"):
 
     PYTHONPATH=. python docs/tt_falls.py runs/hopper-tt-dense-s0.pt --episodes 2 > falls.csv
 
@@ -18,6 +19,7 @@ import torch
 
 from checkpoint import load_checkpoint
 from plan import Planner, PlanSettings
+from tasks import task_from_checkpoint
 
 
 def main():
@@ -27,12 +29,12 @@ def main():
     p.add_argument("--beam-width", type=int, default=32)
     p.add_argument("--horizon", type=int, default=5)
     args = p.parse_args()
-    model, norm, _ = load_checkpoint(args.checkpoint)
+    model, norm, ckpt = load_checkpoint(args.checkpoint)
     model.eval()
     settings = PlanSettings(beam_width=args.beam_width, horizon=args.horizon)
     planner = Planner(model, norm, args.episodes, settings, torch.device("cpu"))
     discounts = model.cfg.discount ** torch.arange(settings.horizon + 1, dtype=torch.float32)
-    envs = [gym.make("Hopper-v5") for _ in range(args.episodes)]
+    envs = [gym.make(task_from_checkpoint(ckpt).env_id) for _ in range(args.episodes)]
     obs = np.stack([env.reset(seed=i)[0] for i, env in enumerate(envs)])
     done = np.zeros(args.episodes, bool)
     print("step,episode,expected_reward,expected_return,reward,fell")
