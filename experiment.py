@@ -92,9 +92,12 @@ def plan():
     mazes = [(f"{maze}-{method}-s{seed}", maze, method, "dense", seed)
              for seed in (0, 1, 2) for maze in STUDIES["maze2d"] for method in ("dt", "bc", "bc10", "iql")]
     # The Trajectory Transformer on the bodies, both seeds of Hopper first: it has the fewest
-    # tokens a transition (16 against 25), and a run of the others takes a CPU core a day.
+    # tokens a transition (16 against 25), and a run of the others takes a CPU core a day. Then
+    # one maze, the smallest (8 tokens a transition): the planner that has a value estimate is the
+    # sequence model that might stitch.
     planners = [(f"{body}-tt-dense-s{seed}", body, "tt", "dense", seed)
                 for body in ("hopper", "walker2d", "halfcheetah") for seed in (0, 1)]
+    planners.insert(2, ("maze2d-umaze-tt-s0", "maze2d-umaze", "tt", "dense", 0))
     return budget_checks + runs + mazes + planners
 
 

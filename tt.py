@@ -311,8 +311,8 @@ def tokenize(data, cfg):
 
 def describe(data):
     """The data: line's word on how TT sees the data."""
-    return (f"{data.tt_config.n_bins} bins a dimension, {data.tt_config.transition_dim} tokens a transition, "
-            f"reward {TERMINATION_PENALTY:g} for a fall")
+    falls = f", reward {TERMINATION_PENALTY:g} for a fall" if bool(data.falls.any()) else ""  # a maze has none
+    return f"{data.tt_config.n_bins} bins a dimension, {data.tt_config.transition_dim} tokens a transition{falls}"
 
 
 def prepare(data, args):
