@@ -5,6 +5,7 @@ matplotlib.
 
     python mazes.py stitching DATA...                     # how much of each maze the data links to its goal
     python mazes.py paths CKPT... --out paths.png         # each checkpoint's evaluation episodes, same starts
+                                                          # (a TT's: --beam-width, --horizon as evaluate.py)
     python mazes.py values IQL.pt --data DATA --out v.png # IQL's V at rest over the maze, and where the data is paid
     python mazes.py targets DT.pt --data DATA --out t.png # the data's best return-to-go from each cell, and the DT's
                                                           # episodes asked for more than that
@@ -21,6 +22,7 @@ from checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_ends, returns_to_go
 from device import evaluates_in_bf16
 from datafiles import DataError, read_file
+from plan import PlanSettings
 from rollout import rollout
 from tasks import GOAL_RADIUS, TaskError, maze_goal, task_from_attributes, task_from_checkpoint
 
@@ -100,14 +102,19 @@ def stitching(path):
             "best_episode_return": float(rtg.max()), "share_of_reference": float(rtg.max() / task.ref_returns[1])}
 
 
-def episode_paths(ckpt_path, episodes, target=None):
-    """Positions of `episodes` evaluation episodes (reset seeds 0..), (T + 1, E, 2), and their returns."""
+def episode_paths(ckpt_path, episodes, target=None, planning=None):
+    """Positions of `episodes` evaluation episodes (reset seeds 0..), (T + 1, E, 2), and their
+    returns. A TT checkpoint plans with `planning` (a plan.PlanSettings; the paper's by default)."""
     model, norm, ckpt = load_checkpoint(ckpt_path)
     task = task_from_checkpoint(ckpt)
     seen = []
     returns = rollout(model, norm, task, task.default_target if target is None else target, episodes,
-                      progress=False, record=seen, bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu"))
+                      progress=False, record=seen, planning=planning,
+                      bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu") and model.cfg.kind != "tt")
     label = model.cfg.kind.upper()
+    if model.cfg.kind == "tt":
+        planning = planning or PlanSettings()
+        label += f", beam {planning.beam_width}, horizon {planning.horizon}"
     if ckpt.get("step", 0) < ckpt.get("total_steps", 0):  # a run still training: say how far it is
         label += f", step {ckpt['step']:,} of {ckpt['total_steps']:,}"
     return np.stack(seen)[..., :2], returns, task, label
@@ -120,11 +127,11 @@ def draw_paths(ax, maze, paths, returns):
         ax.plot(*paths[0, e], marker="o", color=colors[e], markersize=4, zorder=2)
 
 
-def figure_paths(ckpts, out, episodes):
+def figure_paths(ckpts, out, episodes, planning=None):
     plt = plot.pyplot()
     fig, axes = plt.subplots(1, len(ckpts), figsize=(4 * len(ckpts), 4.2), dpi=110, squeeze=False)
     for ax, ckpt in zip(axes[0], ckpts):
-        paths, returns, task, kind = episode_paths(ckpt, episodes)
+        paths, returns, task, kind = episode_paths(ckpt, episodes, planning=planning)
         maze = Maze(task)
         maze.draw(ax)
         draw_paths(ax, maze, paths, returns)
@@ -209,7 +216,13 @@ def main(argv=None):
             s.add_argument("--episodes", type=int, default=20)
         if name == "targets":
             s.add_argument("--target", type=float, help="return to ask for (default: the reference maximum)")
+        if name == "paths":
+            s.add_argument("--beam-width", type=int, help="a TT checkpoint's plans kept per step (as evaluate.py)")
+            s.add_argument("--horizon", type=int, help="a TT checkpoint's transitions planned ahead (as evaluate.py)")
     args = p.parse_args(argv)
+    for flag in ("episodes", "beam_width", "horizon"):
+        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
     if args.command == "stitching":
         print("| maze | free cells | cells from which some episode reaches the goal | episodes through a cell "
               "that go on to the goal (mean over cells) | best episode's return | its share of the reference maximum |")
@@ -224,7 +237,7 @@ def main(argv=None):
     if not args.out.parent.is_dir():
         p.error(f"--out {args.out}: no such directory: {args.out.parent}")
     if args.command == "paths":
-        figure_paths(args.checkpoints, args.out, args.episodes)
+        figure_paths(args.checkpoints, args.out, args.episodes, PlanSettings.given(args.beam_width, args.horizon))
     elif args.command == "values":
         figure_values(args.checkpoint, args.data, args.out)
     else:

@@ -19,8 +19,9 @@ from checkpoint import load_checkpoint
 from data import load_trajectories
 from datafiles import DataError
 from model import DecisionTransformer, DTConfig
+from plan import PlanSettings
 
-from conftest import assert_one_line_error, mutated_copies, run_cli
+from conftest import assert_one_line_error, assert_usage_error, mutated_copies, run_cli
 
 pytest.importorskip("gymnasium_robotics", reason="the mazes need the optional package gymnasium-robotics")
 
@@ -96,7 +97,14 @@ def test_the_maze_pictures_are_drawn(tmp_path):
     dt, iql, size = str(tmp_path / "dt.pt"), str(tmp_path / "iql.pt"), ["--batch-size", "8", "--n-layer", "1", "--n-embd", "16"]
     train.main(["--data", str(data), "--max-steps", "2", *size, "--context-len", "4", "--out", dt])
     train.main(["--data", str(data), "--model", "iql", "--max-steps", "2", *size, "--out", iql])
-    mazes.main(["paths", dt, iql, "--episodes", "2", "--out", str(tmp_path / "p.png")])
+    # A TT's episodes are planned, with evaluate.py's --beam-width and --horizon.
+    tt = str(tmp_path / "tt.pt")
+    train.main(["--data", str(data), "--model", "tt", "--max-steps", "2", *size, "--n-head", "1", "--out", tt])
+    mazes.main(["paths", dt, iql, tt, "--episodes", "2", "--beam-width", "2", "--horizon", "1",
+                "--out", str(tmp_path / "p.png")])
+    assert mazes.episode_paths(tt, 1, planning=PlanSettings(beam_width=2, horizon=1))[3] == "TT, beam 2, horizon 1"
+    assert_usage_error(run_cli("mazes.py", "paths", tt, "--beam-width", "0", "--out", str(tmp_path / "x.png")),
+                       "--beam-width must be at least 1")
     mazes.main(["values", iql, "--data", str(data), "--out", str(tmp_path / "v.png")])
     mazes.main(["targets", dt, "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "t.png")])
     for name in ("p", "v", "t"):
