@@ -49,7 +49,7 @@ from device import compiles, evaluates_in_bf16, resolve_device
 from data import load_trajectories
 from datafiles import DataError
 from graphsteps import WARMUP_RUNS
-from plan import Planner, PlanSettings
+from plan import Planner, PlanSettings, add_planning_flags, check_planning_flags
 from rollout import rollout
 from tasks import locomotion_task
 from vecenv import make_envs
@@ -90,8 +90,7 @@ def parse_args(argv=None):
         p.add_argument(flag, type=int, help="as in train.py (default: train.py's)")
     p.add_argument("--graph-steps", type=int, metavar="K", help="as in train.py: K whole steps a CUDA graph "
                    f"replay; with --check, the whole-step mode's K (default {CHECK_GRAPH_STEPS})")
-    for flag in ("--beam-width", "--horizon"):
-        p.add_argument(flag, type=int, help="--model tt: as in evaluate.py (default: the paper's)")
+    add_planning_flags(p, "--model tt")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 1 or min(args.eval_episodes) < 1 or args.env_workers < 1:
         p.error("--steps, --warmup, --eval-episodes and --env-workers must be at least 1")
@@ -99,8 +98,7 @@ def parse_args(argv=None):
         p.error(f"--graph-steps must be at least {1 if args.check else 0}")
     if (args.beam_width or args.horizon) and args.model != "tt":
         p.error("--beam-width and --horizon: for --model tt only")
-    if min(v for v in (args.beam_width, args.horizon, 1) if v is not None) < 1:
-        p.error("--beam-width and --horizon must be at least 1")
+    check_planning_flags(p, args)
     if args.check and args.model != "dt":
         p.error("--check compares the DT's compiled paths with its eager one: leave out --model")
     return args

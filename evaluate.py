@@ -23,7 +23,7 @@ from pathlib import Path
 
 from checkpoint import RunError, load_checkpoint
 from device import evaluates_in_bf16, resolve_device
-from plan import PlanSettings
+from plan import PlanSettings, add_planning_flags, check_planning_flags
 from rollout import rollout
 from tasks import task_from_checkpoint
 
@@ -48,14 +48,9 @@ def parse_args(argv=None):
                    help="render episode 0 of the first target to an MP4 (or .gif) file")
     p.add_argument("--video-seconds", type=float, help="keep only the first seconds of the video "
                    "(default: the whole episode; a short GIF for a web page)")
-    p.add_argument("--beam-width", type=int, help=f"a TT checkpoint: plans kept per step (default "
-                   f"{PlanSettings.beam_width}, the paper's; fewer plan faster)")
-    p.add_argument("--horizon", type=int, help=f"a TT checkpoint: transitions planned ahead (default "
-                   f"{PlanSettings.horizon}, the paper's; it uses 5 for HalfCheetah and Walker2d)")
+    add_planning_flags(p, "a TT checkpoint")
     args = p.parse_args(argv)
-    for flag, value in (("--beam-width", args.beam_width), ("--horizon", args.horizon)):
-        if value is not None and value < 1:
-            p.error(f"{flag} must be at least 1, not {value}")
+    check_planning_flags(p, args)
     if args.episodes < 1 or (args.env_workers is not None and args.env_workers < 1):
         p.error("--episodes and --env-workers must be at least 1")
     if args.video_seconds is not None and args.video_seconds <= 0:

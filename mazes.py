@@ -22,7 +22,7 @@ from checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_ends, returns_to_go
 from device import evaluates_in_bf16
 from datafiles import DataError, read_file
-from plan import PlanSettings
+from plan import PlanSettings, add_planning_flags, check_planning_flags
 from rollout import rollout
 from tasks import GOAL_RADIUS, TaskError, maze_goal, task_from_attributes, task_from_checkpoint
 
@@ -108,12 +108,12 @@ def episode_paths(ckpt_path, episodes, target=None, planning=None):
     model, norm, ckpt = load_checkpoint(ckpt_path)
     task = task_from_checkpoint(ckpt)
     seen = []
+    planning = planning or PlanSettings()
     returns = rollout(model, norm, task, task.default_target if target is None else target, episodes,
                       progress=False, record=seen, planning=planning,
-                      bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu") and model.cfg.kind != "tt")
+                      bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu"))  # a planner ignores it
     label = model.cfg.kind.upper()
     if model.cfg.kind == "tt":
-        planning = planning or PlanSettings()
         label += f", beam {planning.beam_width}, horizon {planning.horizon}"
     if ckpt.get("step", 0) < ckpt.get("total_steps", 0):  # a run still training: say how far it is
         label += f", step {ckpt['step']:,} of {ckpt['total_steps']:,}"
@@ -217,12 +217,12 @@ def main(argv=None):
         if name == "targets":
             s.add_argument("--target", type=float, help="return to ask for (default: the reference maximum)")
         if name == "paths":
-            s.add_argument("--beam-width", type=int, help="a TT checkpoint's plans kept per step (as evaluate.py)")
-            s.add_argument("--horizon", type=int, help="a TT checkpoint's transitions planned ahead (as evaluate.py)")
+            add_planning_flags(s, "a TT checkpoint")
     args = p.parse_args(argv)
-    for flag in ("episodes", "beam_width", "horizon"):
-        if getattr(args, flag, None) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, not {getattr(args, flag)}")
+    if args.command == "paths":
+        check_planning_flags(p, args)
+    if getattr(args, "episodes", 1) < 1:
+        p.error(f"--episodes must be at least 1, not {args.episodes}")
     if args.command == "stitching":
         print("| maze | free cells | cells from which some episode reaches the goal | episodes through a cell "
               "that go on to the goal (mean over cells) | best episode's return | its share of the reference maximum |")

@@ -33,6 +33,21 @@ class PlanSettings:
         return cls(**{k: v for k, v in (("beam_width", beam_width), ("horizon", horizon)) if v})
 
 
+def add_planning_flags(parser, whose):
+    """--beam-width and --horizon, for the command lines that plan (evaluate.py, bench.py, mazes.py)."""
+    parser.add_argument("--beam-width", type=int, help=f"{whose}: plans kept per step (default "
+                        f"{PlanSettings.beam_width}, the paper's; fewer plan faster)")
+    parser.add_argument("--horizon", type=int, help=f"{whose}: transitions planned ahead (default "
+                        f"{PlanSettings.horizon}, the paper's; it uses 5 for HalfCheetah and Walker2d)")
+
+
+def check_planning_flags(parser, args):
+    """add_planning_flags' values: a plan needs at least one beam and one transition ahead."""
+    for flag, value in (("--beam-width", args.beam_width), ("--horizon", args.horizon)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, not {value}")
+
+
 def top_of_distribution(logits, cdf):
     """Logits with every token outside the most likely ones that together hold (1 - cdf) of the
     probability set to -inf: sampling stays among the plausible actions."""
