@@ -96,6 +96,13 @@ class Search:
         self.cache.share(copies)
 
 
+def plan_value(rewards, discount):
+    """(..., H + 1) a plan's predicted rewards, its final value last -> (...) their discounted sum:
+    what the beams are ranked by."""
+    discounts = discount ** torch.arange(rewards.shape[-1], device=rewards.device, dtype=torch.float32)
+    return (rewards * discounts).sum(-1)
+
+
 @torch.no_grad()
 def plan(model, disc, prefix, settings, generator=None):
     """Beam search from `prefix` (E, L): each episode's last real transitions and its current state
@@ -105,7 +112,6 @@ def plan(model, disc, prefix, settings, generator=None):
     E, S, A, N = prefix.shape[0], cfg.state_dim, cfg.act_dim, cfg.n_bins
     W, X, H = settings.beam_width, settings.n_expand, settings.horizon
     centres = disc.centres().to(prefix.device)  # (N, D)
-    discounts = cfg.discount ** torch.arange(H + 1, device=prefix.device, dtype=torch.float32)
     # The prefix is the same for all of an episode's beams: read once per episode, its keys and
     # values shared by the W beams (for Hopper it is 91 of a plan's 160 tokens).
     search = Search(model, prefix, settings.context)
@@ -125,7 +131,7 @@ def plan(model, disc, prefix, settings, generator=None):
             rewards[:, slot] = probs[:, :N] @ centres[:, dim]
             search.append(probs.argmax(-1))
         # Keep the W plans per episode with the highest discounted sum of rewards plus final value.
-        score = (rewards * discounts).sum(-1).view(E, W * X)
+        score = plan_value(rewards, cfg.discount).view(E, W * X)
         best = score.topk(W, dim=1).indices + torch.arange(E, device=prefix.device)[:, None] * W * X
         search.keep(best.flatten())
         rewards = rewards[best.flatten()]

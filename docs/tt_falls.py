@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_checkpoint
-from plan import Planner, PlanSettings
+from plan import Planner, PlanSettings, plan_value
 from tasks import task_from_checkpoint
 
 
@@ -33,14 +33,13 @@ def main():
     model.eval()
     settings = PlanSettings(beam_width=args.beam_width, horizon=args.horizon)
     planner = Planner(model, norm, args.episodes, settings, torch.device("cpu"))
-    discounts = model.cfg.discount ** torch.arange(settings.horizon + 1, dtype=torch.float32)
     envs = [gym.make(task_from_checkpoint(ckpt).env_id) for _ in range(args.episodes)]
     obs = np.stack([env.reset(seed=i)[0] for i, env in enumerate(envs)])
     done = np.zeros(args.episodes, bool)
     print("step,episode,expected_reward,expected_return,reward,fell")
     for t in range(envs[0].spec.max_episode_steps):
         actions = planner.act(norm.states(torch.as_tensor(obs, dtype=torch.float32)), None, t).numpy()
-        expected_return = (planner.expected * discounts).sum(-1)
+        expected_return = plan_value(planner.expected, model.cfg.discount)
         rewards = np.zeros(args.episodes)
         for i, env in enumerate(envs):
             if done[i]:
