@@ -5,7 +5,8 @@ one JSON object) of:
   training   samples/s and steps/s of train.py's own step (model, optimizer, sampler, bf16
              autocast where train.py uses it, torch.compile with --compile, the default on
              CUDA), timed after a warm-up; compile time is reported apart. The DT by default;
-             --model names another of train.py's (iql, bc, tt)
+             --model names another of train.py's (iql, bc, tt). On a CPU, with dropout, the step
+             again with SDPA's own attention, which model.py writes out there instead
   sampler    milliseconds per batch for the batch sampler alone
   evaluation environment steps/s of evaluate.py's rollout with N episodes in parallel (its policy
              compiled with --compile; its environments stepped by --env-workers processes), the
@@ -49,6 +50,7 @@ from device import compiles, evaluates_in_bf16, resolve_device
 from data import load_trajectories
 from datafiles import DataError
 from graphsteps import WARMUP_RUNS
+from model import CausalSelfAttention
 from plan import Planner, PlanSettings, add_planning_flags, check_planning_flags
 from rollout import rollout
 from tasks import locomotion_task
@@ -179,6 +181,19 @@ def bench_training(data, targs, device, steps, warmup):
     return model, objective, optimizer, warmup_s, step_s, sampler_s
 
 
+def sdpa_step_seconds(data, targs, device, steps, warmup):
+    """Seconds a training step takes with SDPA's own attention where model.py writes it out (in
+    training on a CPU, with dropout): the step that path is there to beat. None elsewhere."""
+    if device != "cpu" or not targs.dropout:
+        return None
+    CausalSelfAttention.written_out_on_cpu = False
+    try:
+        cfg = (train.MODELS[targs.model].config or train.model_config)(targs, data)
+        return timed_steps(*train.setup_training(cfg, targs, device), data, targs, device, steps, warmup)[1]
+    finally:
+        CausalSelfAttention.written_out_on_cpu = True
+
+
 def matmul_peak_gflops(device, dtype, n=1024, reps=20):
     """This machine's dense matrix-product rate in `dtype`, measured now: the ceiling the training
     and evaluation steps are held against (nanoGPT's estimate_mfu assumes an A100's; this measures)."""
@@ -267,8 +282,15 @@ def planning_step_seconds(model, data, episodes, settings, device, steps=3):
     return seconds, flops
 
 
-def report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, step_flops, peak_mb, say):
-    """The TT's half of the table: its training step, and planning in place of rollouts."""
+def attention_line(step_s, sdpa_s):
+    return (f"          attention written out (model.attention_with_dropout): {sdpa_s / step_s:.2f}x as fast "
+            f"as the step with SDPA's own, {1 / sdpa_s:.2f} steps/s")
+
+
+def report_planning(args, model, data, device, bf16, targs, step_seconds, warmup_s, step_flops, peak_mb, say):
+    """The TT's half of the table: its training step (and, where model.py writes attention out,
+    with SDPA's own), and planning in place of rollouts."""
+    step_s, sdpa_s = step_seconds
     settings = PlanSettings.given(args.beam_width, args.horizon)
     peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
@@ -276,6 +298,7 @@ def report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, st
     result = {
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": "tt", "train_samples_per_s": targs.batch_size / step_s, "train_steps_per_s": 1 / step_s,
+        "train_steps_per_s_sdpa_attention": sdpa_s and 1 / sdpa_s,
         "warmup_s": warmup_s, "bf16": bf16, "peak_mem_mb": peak_mb, "peak_gflops": peak,
         "peak_gflops_fp32": peak_fp32, "train_step_gflop": step_flops / 1e9,
         "train_flop_fraction": step_flops / step_s / (peak * 1e9),
@@ -292,6 +315,8 @@ def report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, st
     say(f"train     {result['train_samples_per_s']:9.1f} samples/s  {result['train_steps_per_s']:7.2f} steps/s"
         f"   ({result['train_step_gflop']:.1f} GFLOP a step, {100 * result['train_flop_fraction']:.0f}% of the "
         f"{'bf16' if bf16 else 'fp32'} peak of {peak:.0f} GFLOP/s)")
+    if sdpa_s:
+        say(attention_line(step_s, sdpa_s))
     for n, (seconds, flops) in planning.items():
         say(f"plan      {seconds:9.2f} s a step for {n} episode{'s' if n > 1 else ''} together, "
             f"{n / seconds:.1f} env steps/s (beam {settings.beam_width}, horizon {settings.horizon}; "
@@ -383,9 +408,11 @@ def main(argv=None):
         data, targs, device, args.steps, args.warmup)
     peak_mb = peak_memory_mb(device)
     step_flops = train_step_flops(model, objective, optimizer, data, targs)
+    sdpa_s = sdpa_step_seconds(data, targs, device, args.steps, args.warmup)
     model.eval()
     if targs.model == "tt":
-        return report_planning(args, model, data, device, bf16, targs, step_s, warmup_s, step_flops, peak_mb, say)
+        return report_planning(args, model, data, device, bf16, targs, (step_s, sdpa_s), warmup_s, step_flops,
+                               peak_mb, say)
     compiled = compiles(targs.compile, device)
     workers = args.env_workers
     # Evaluation as evaluate.py runs it: in the training's precision where that pays
@@ -410,6 +437,7 @@ def main(argv=None):
         "warmup_s": warmup_s,
         "compiled": compiled,
         "bf16": bf16,
+        "train_steps_per_s_sdpa_attention": sdpa_s and 1 / sdpa_s,
         "sampler_ms_per_batch": sampler_s * 1e3,
         "sampler_share_of_step": sampler_s / step_s,
         "eval_episodes": max(args.eval_episodes),
@@ -435,6 +463,8 @@ def main(argv=None):
         return result
     print(f"train     {result['train_samples_per_s']:9.1f} samples/s  {result['train_steps_per_s']:7.2f} steps/s"
           f"   (warm-up of {args.warmup} steps{', with compile,' if result['compiled'] else ''} took {warmup_s:.1f} s)")
+    if sdpa_s:
+        print(attention_line(step_s, sdpa_s))
     print(f"sampler   {result['sampler_ms_per_batch']:9.3f} ms/batch   "
           f"{100 * result['sampler_share_of_step']:.1f}% of a training step")
     for n, rate in curve.items():

@@ -44,6 +44,13 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
+    # On a CPU, torch's fused attention kernel does no dropout, so in training SDPA falls back to
+    # its reference path, which spends more time on masks and copies than on the arithmetic. The
+    # same attention written out (attention_with_dropout) made the TT's step 1.55-1.95x as fast
+    # and the DT's 1.07x; bench.py times it against this set to False. On CUDA the fused kernels
+    # do dropout, and SDPA is always used.
+    written_out_on_cpu = True
+
     def forward(self, x, attn_mask=None, queries=None):
         """Attention output for every position, or for the positions `queries` (a slice) picks.
         attn_mask: (B, 1, Tq, T) bool, True where a query may see a key; None for plain causal
@@ -54,11 +61,16 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if queries is not None:
             q = q[:, :, queries]  # (B, nh, Tq, hs)
-        # Without padding the plain causal kernel is fastest; otherwise the caller's mask says
-        # what each query may see (causal *and* not padded).
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and queries is None,
-            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, Tq, hs)
+        training_on_cpu = self.training and x.device.type == "cpu" and queries is None
+        if training_on_cpu and self.dropout > 0 and self.written_out_on_cpu:
+            mask = causal_mask(T, x.device) if attn_mask is None else attn_mask
+            y = attention_with_dropout(q, k, v, mask, self.dropout)  # (B, nh, T, hs)
+        else:
+            # Without padding the plain causal kernel is fastest; otherwise the caller's mask says
+            # what each query may see (causal *and* not padded).
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and queries is None,
+                dropout_p=self.dropout if self.training else 0.0)  # (B, nh, Tq, hs)
         y = y.transpose(1, 2).contiguous().view(B, q.shape[2], C)  # heads side by side again: (B, Tq, C)
         return self.resid_drop(self.proj(y))
 
@@ -83,6 +95,15 @@ class Block(nn.Module):
         y = self.attn(self.ln_1(x), attn_mask, queries)
         x = (x if queries is None else x[:, queries]) + y
         return x + self.mlp(self.ln_2(x))
+
+
+def attention_with_dropout(q, k, v, attn_mask, p):
+    """softmax(q kᵀ / √hs) over the keys attn_mask allows, dropout p on the weights, then @ v: what
+    scaled_dot_product_attention computes in training. q (B, nh, Tq, hs), k and v (B, nh, T, hs),
+    attn_mask broadcastable to (B, nh, Tq, T) with at least one key a row -> (B, nh, Tq, hs)."""
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, nh, Tq, T)
+    weights = scores.masked_fill(~attn_mask, -math.inf).softmax(-1)
+    return F.dropout(weights, p) @ v
 
 
 def causal_mask(T, device):

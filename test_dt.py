@@ -11,11 +11,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import evaluate
 import train
 from data import episode_ends, load_trajectories, returns_to_go, sample_batch
-from model import DecisionTransformer, DTConfig, configure_optimizer, padded_causal_mask
+from model import (DecisionTransformer, DTConfig, attention_with_dropout, causal_mask, configure_optimizer,
+                   padded_causal_mask)
 
 from conftest import A, S, random_window, tiny_model, write_d4rl
 
@@ -76,6 +78,21 @@ def test_forward_is_every_token_through_every_block(padded):
         x = block(x, None if mask is None else padded_causal_mask(mask))
     every_token = torch.tanh(model.predict_action(model.ln_f(x)[:, 1::3]))
     torch.testing.assert_close(model(s, a, r, t, mask), every_token, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_written_out_for_training_on_a_cpu_is_sdpas(padded):
+    """Training on a CPU writes attention out (faster there than SDPA's path with dropout); it is
+    the same attention, and its dropout drops weights without biasing them."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 24, 8).unbind(0)  # (B, nh, 3K, hs) each, K = 8
+    mask = padded_causal_mask(torch.arange(8).expand(2, 8) >= torch.tensor([[0], [5]])) if padded \
+        else causal_mask(24, "cpu")
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attention_with_dropout(q, k, v, mask, 0.0), sdpa, rtol=0, atol=1e-5)
+    draws = torch.stack([attention_with_dropout(q, k, v, mask, 0.1) for _ in range(4000)])
+    assert not torch.allclose(draws[0], sdpa)
+    torch.testing.assert_close(draws.mean(0), sdpa, rtol=0, atol=0.1)
 
 
 def test_weight_decay_only_on_matrices():

@@ -14,7 +14,7 @@ def test_bench_runs_and_reports_every_figure(capsys):
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
     for key in ("train_samples_per_s", "train_steps_per_s", "sampler_ms_per_batch", "eval_env_steps_per_s",
                 "eval_env_steps_per_s_sequential", "peak_mem_mb", "peak_gflops", "train_flop_fraction",
-                "eval_flop_fraction"):
+                "eval_flop_fraction", "train_steps_per_s_sdpa_attention"):
         assert result[key] > 0, key
     assert result["train_flop_fraction"] < 1 and result["eval_flop_fraction"] < 1  # nothing beats the peak
     # Twice the episodes, twice the forward's FLOPs: the count is of the real model, per episode.
@@ -34,6 +34,7 @@ def test_bench_times_the_trajectory_transformer_and_its_planning(capsys, monkeyp
     assert json.loads(capsys.readouterr().out) == json.loads(json.dumps(result))
     assert result["model"] == "tt" and (result["beam_width"], result["horizon"]) == (2, 2)
     assert result["train_steps_per_s"] > 0 and 0 < result["train_flop_fraction"] < 1
+    assert result["train_steps_per_s_sdpa_attention"] > 0  # the step with SDPA's attention, for the ratio
     rate, flops = result["plan_env_steps_per_s_by_episodes"], result["plan_gflop_by_episodes"]
     assert set(rate) == {1, 3} and min(rate.values()) > 0
     assert flops[3] == pytest.approx(3 * flops[1], rel=0.01)  # every episode plans with the same beams
