@@ -166,10 +166,15 @@ def timed_steps(model, objective, optimizer, data, targs, device, steps, warmup,
     return warmup_s, (time.perf_counter() - t0) / steps, losses
 
 
+def new_training(data, targs, device):
+    """(model, objective, optimizer), freshly built as train.py builds them."""
+    cfg = (train.MODELS[targs.model].config or train.model_config)(targs, data)
+    return train.setup_training(cfg, targs, device)
+
+
 def bench_training(data, targs, device, steps, warmup):
     recipe = train.MODELS[targs.model]
-    cfg = (recipe.config or train.model_config)(targs, data)
-    model, objective, optimizer = train.setup_training(cfg, targs, device)
+    model, objective, optimizer = new_training(data, targs, device)
     warmup_s, step_s, _ = timed_steps(model, objective, optimizer, data, targs, device, steps, warmup)
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -188,8 +193,7 @@ def sdpa_step_seconds(data, targs, device, steps, warmup):
         return None
     CausalSelfAttention.written_out_on_cpu = False
     try:
-        cfg = (train.MODELS[targs.model].config or train.model_config)(targs, data)
-        return timed_steps(*train.setup_training(cfg, targs, device), data, targs, device, steps, warmup)[1]
+        return timed_steps(*new_training(data, targs, device), data, targs, device, steps, warmup)[1]
     finally:
         CausalSelfAttention.written_out_on_cpu = True
 
@@ -287,10 +291,9 @@ def attention_line(step_s, sdpa_s):
             f"as the step with SDPA's own, {1 / sdpa_s:.2f} steps/s")
 
 
-def report_planning(args, model, data, device, bf16, targs, step_seconds, warmup_s, step_flops, peak_mb, say):
+def report_planning(args, model, data, device, bf16, targs, step_s, sdpa_s, warmup_s, step_flops, peak_mb, say):
     """The TT's half of the table: its training step (and, where model.py writes attention out,
     with SDPA's own), and planning in place of rollouts."""
-    step_s, sdpa_s = step_seconds
     settings = PlanSettings.given(args.beam_width, args.horizon)
     peak = matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     peak_fp32 = peak if not bf16 else matmul_peak_gflops(device, torch.float32)
@@ -411,7 +414,7 @@ def main(argv=None):
     sdpa_s = sdpa_step_seconds(data, targs, device, args.steps, args.warmup)
     model.eval()
     if targs.model == "tt":
-        return report_planning(args, model, data, device, bf16, targs, (step_s, sdpa_s), warmup_s, step_flops,
+        return report_planning(args, model, data, device, bf16, targs, step_s, sdpa_s, warmup_s, step_flops,
                                peak_mb, say)
     compiled = compiles(targs.compile, device)
     workers = args.env_workers

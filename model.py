@@ -61,8 +61,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if queries is not None:
             q = q[:, :, queries]  # (B, nh, Tq, hs)
-        training_on_cpu = self.training and x.device.type == "cpu" and queries is None
-        if training_on_cpu and self.dropout > 0 and self.written_out_on_cpu:
+        if self.written_out_on_cpu and self.training and self.dropout > 0 and x.device.type == "cpu" \
+                and queries is None:
             mask = causal_mask(T, x.device) if attn_mask is None else attn_mask
             y = attention_with_dropout(q, k, v, mask, self.dropout)  # (B, nh, T, hs)
         else:
