@@ -11,10 +11,11 @@ sparse-reward mazes that need stitching ("maze2d").
 
 Each run trains with train.py into runs/NAME.pt (an interrupted run is resumed, not restarted),
 then evaluate.py scores its last checkpoint (a body on 10 episodes, reset seeds 0-9; a maze on 20,
-whose returns vary more) into results/runs/NAME.json, and its training log is kept as
-results/runs/NAME.csv. After every run, results/STUDY.csv is rebuilt with one row per finished
-run. Stop it at any time (Ctrl-C); the same command carries on where it stopped. Two processes
-can share the plan, one core each: --method iql in one, --method dt bc bc10 in the other.
+whose returns vary more; the TT's plans, which take hours, 5 episodes at a time, each part kept)
+into results/runs/NAME.json, and its training log is kept as results/runs/NAME.csv. After every
+run, results/STUDY.csv is rebuilt with one row per finished run. Stop it at any time (Ctrl-C);
+the same command carries on where it stopped. Two processes can share the plan, one core each:
+--method iql in one, --method dt bc bc10 in the other.
 """
 import argparse
 import csv
@@ -65,8 +66,10 @@ METHODS = {
     # (Hopper) fell by 1% over the last 2,000 of its 10,000 steps: what two CPU cores allow.
     "tt": ["--model", "tt", "--batch-size", "64", "--max-steps", "10000", "--log-every", "100"],
 }
-# Planning on a CPU: the paper's horizon for HalfCheetah and Walker2d, a quarter of its beam.
+# Planning on a CPU: the paper's horizon for HalfCheetah and Walker2d, a quarter of its beam; 5
+# episodes planned together (as fast per env step as 10 on one core, bench.py) and kept as they finish.
 EVALUATION = {"tt": ["--beam-width", "32", "--horizon", "5"]}
+EPISODES_TOGETHER = {"tt": 5}
 COLUMNS = ["method", "dataset", "reward_mode", "seed", "steps", "train_s", "target", "episodes",
            "mean_return", "std_return", "normalized_score"]
 
@@ -135,21 +138,52 @@ def run(name, task, method, mode, seed, data_dir):
     if saved["step"] < saved["total_steps"]:  # train.py was stopped (Ctrl-C, SIGTERM) and saved
         sys.exit(f"== {name}: stopped at step {saved['step']} of {saved['total_steps']}; "
                  f"the same command carries on from there")
-    targets = maze_targets(data) if maze and method.startswith("dt") else {}
-    evaluation = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--episodes", "20" if maze else "10",
-                                 "--json", *(["--target", *map(str, targets.values())] if targets else []),
-                                 *EVALUATION.get(method, [])],
-                                cwd=HERE, check=True, capture_output=True, text=True).stdout
-    sweep = [json.loads(line) for line in evaluation.splitlines()]
-    result = sweep[list(targets).index(MAZE_DT_TARGET)] if targets else sweep[0]
-    if targets:
-        result["sweep"] = [dict(r, target_name=t) for r, t in zip(sweep, targets)]
+    episodes = 20 if maze else 10
+    if method in EPISODES_TOGETHER:
+        result = evaluate_in_parts(ckpt, episodes, EPISODES_TOGETHER[method], EVALUATION[method])
+    else:
+        targets = maze_targets(data) if maze and method.startswith("dt") else {}
+        sweep = evaluate(ckpt, ["--episodes", str(episodes), *(["--target", *map(str, targets.values())]
+                                                                if targets else [])])
+        result = sweep[list(targets).index(MAZE_DT_TARGET)] if targets else sweep[0]
+        if targets:
+            result["sweep"] = [dict(r, target_name=t) for r, t in zip(sweep, targets)]
     result.update(method=method, dataset=FILES[task], reward_mode=mode, seed=seed, steps=saved["step"],
                   train_s=round(saved["elapsed_s"], 1))
     (RESULTS / "runs" / f"{name}.csv").write_bytes(ckpt.with_suffix(".csv").read_bytes())
     out_json.write_text(json.dumps(result) + "\n")
     print(f"== {name}: normalized {result['normalized_score']:.1f} after {result['steps']} steps, "
           f"{result['train_s']:.0f} s", flush=True)
+
+
+def evaluate(ckpt, flags):
+    """evaluate.py on a checkpoint -> its JSON result for each target it was asked."""
+    out = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--json", *flags],
+                         cwd=HERE, check=True, capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def evaluate_in_parts(ckpt, episodes, together, flags):
+    """A planner's evaluation, `together` episodes at a time (episode i still reset with seed i),
+    each part's result kept beside the checkpoint as it finishes: planning 10 episodes takes an
+    hour or two of a CPU core, and a stopped run starts again at its first unfinished part. The
+    parts are then one result, timed as evaluate.py times one call: seconds a step for
+    `together` episodes, and those episodes over it in env steps/s."""
+    parts = []
+    for first in range(0, episodes, together):
+        path = ckpt.with_suffix(f".episodes{first}.json")
+        if not path.exists():
+            [part] = evaluate(ckpt, ["--seed", str(first), "--episodes", str(together), *flags])
+            with atomic_write(path) as tmp:
+                Path(tmp).write_text(json.dumps(part) + "\n")
+        parts.append(json.loads(path.read_text()))
+    returns = np.array([r for part in parts for r in part["returns"]])
+    low, high = parts[0]["ref_returns"]
+    seconds_per_step = float(np.mean([part["seconds_per_step"] for part in parts]))
+    return dict(parts[0], episodes=len(returns), returns=returns.tolist(), mean_return=float(returns.mean()),
+                std_return=float(returns.std()), normalized_score=100.0 * (returns.mean() - low) / (high - low),
+                episodes_together=together, seconds_per_step=seconds_per_step,
+                env_steps_per_s=together / seconds_per_step)
 
 
 def gather():

@@ -54,3 +54,28 @@ def test_an_experiment_run_stopped_part_way_is_not_scored(tmp_path, monkeypatch)
     with pytest.raises(SystemExit, match="stopped at step 40 of 100; the same command carries on from there"):
         experiment.run("hopper-dt-dense-s0", "hopper", "dt", "dense", 0, str(tmp_path))
     assert not (tmp_path / "results" / "runs" / "hopper-dt-dense-s0.json").exists()
+
+
+def test_a_planners_evaluation_is_kept_part_by_part_and_resumed_at_the_first_unfinished_part(tmp_path,
+                                                                                             monkeypatch):
+    calls = []
+
+    def evaluate_py(ckpt, flags):  # episode i earns return i; the second call is stopped
+        first, n = int(flags[flags.index("--seed") + 1]), int(flags[flags.index("--episodes") + 1])
+        calls.append(first)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return [dict(env="Hopper-v5", model="tt", returns=[float(first + i) for i in range(n)],
+                     ref_returns=[0.0, 10.0], seconds_per_step=2.0 + first, env_steps_per_s=0.0)]
+
+    monkeypatch.setattr(experiment, "evaluate", evaluate_py)
+    ckpt = tmp_path / "hopper-tt-dense-s0.pt"
+    with pytest.raises(KeyboardInterrupt):
+        experiment.evaluate_in_parts(ckpt, 6, 2, ["--beam-width", "2"])
+    assert calls == [0, 2] and (tmp_path / "hopper-tt-dense-s0.episodes0.json").exists()
+    result = experiment.evaluate_in_parts(ckpt, 6, 2, ["--beam-width", "2"])
+    assert calls == [0, 2, 2, 4]  # the finished part was not planned again
+    assert result["returns"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and result["episodes"] == 6
+    assert result["normalized_score"] == pytest.approx(25.0)  # mean return 2.5 of the reference 0-10
+    assert result["seconds_per_step"] == pytest.approx(4.0)  # the parts' 2, 4 and 6 s a step for 2 episodes
+    assert result["env_steps_per_s"] == pytest.approx(0.5) and result["episodes_together"] == 2
