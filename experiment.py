@@ -144,7 +144,7 @@ def run(name, task, method, mode, seed, data_dir):
     else:
         targets = maze_targets(data) if maze and method.startswith("dt") else {}
         sweep = evaluate(ckpt, ["--episodes", str(episodes), *(["--target", *map(str, targets.values())]
-                                                                if targets else [])])
+                                                                if targets else []), *EVALUATION.get(method, [])])
         result = sweep[list(targets).index(MAZE_DT_TARGET)] if targets else sweep[0]
         if targets:
             result["sweep"] = [dict(r, target_name=t) for r, t in zip(sweep, targets)]
@@ -178,12 +178,12 @@ def evaluate_in_parts(ckpt, episodes, together, flags):
                 Path(tmp).write_text(json.dumps(part) + "\n")
         parts.append(json.loads(path.read_text()))
     returns = np.array([r for part in parts for r in part["returns"]])
-    low, high = parts[0]["ref_returns"]
     seconds_per_step = float(np.mean([part["seconds_per_step"] for part in parts]))
-    return dict(parts[0], episodes=len(returns), returns=returns.tolist(), mean_return=float(returns.mean()),
-                std_return=float(returns.std()), normalized_score=100.0 * (returns.mean() - low) / (high - low),
-                episodes_together=together, seconds_per_step=seconds_per_step,
-                env_steps_per_s=together / seconds_per_step)
+    result = dict(parts[0], episodes=len(returns), returns=returns.tolist(), mean_return=float(returns.mean()),
+                  std_return=float(returns.std()), episodes_together=together, seconds_per_step=seconds_per_step,
+                  env_steps_per_s=together / seconds_per_step)
+    result["normalized_score"] = float(np.mean(episode_scores(result)))
+    return result
 
 
 def gather():
