@@ -18,6 +18,8 @@ def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys
                               ("bc-dense", 3), ("bc10-dense", 3), ("bc-delayed", 0), ("bc10-delayed", 0),
                               ("tt-dense", 2), ("tt-delayed", 0)):
             assert sum(n.startswith(f"{body}-{method}-s") for n in names) == seeds, (body, method)
+        # The TT in a CPU sitting's budget: the two bodies whose full budget a sitting cannot hold.
+        assert sum(n.startswith(f"{body}-tt-3500-dense-s") for n in names) == (0 if body == "hopper" else 2)
     for maze in experiment.STUDIES["maze2d"]:  # every method, 3 seeds, the file's own sparse rewards
         for method in ("dt", "bc", "bc10", "iql"):
             assert sum(n.startswith(f"{maze}-{method}-s") for n in names) == 3, (maze, method)
