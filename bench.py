@@ -390,7 +390,7 @@ def main(argv=None):
         elif not path.exists():
             raise DataError(f"{path}: no such file; download it with python download.py halfcheetah-expert-v2, "
                             f"point --data at a HalfCheetah file, or time random data with --synthetic")
-        data, task = load_trajectories(path, transitions=train.MODELS[targs.model].transitions)
+        data, task = load_trajectories(path)
     if task not in (None, TASK) or data.state_dim != 17:
         raise DataError(f"{path}: bench.py measures HalfCheetah; this is {task.env_id if task else 'other'} data")
     data.to(device)

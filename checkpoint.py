@@ -23,6 +23,7 @@ from bc import BehaviourCloning
 from data import Normalization
 from iql import IQL
 from model import DecisionTransformer, DTConfig
+from reinformer import Reinformer
 from tt import TrajectoryTransformer, TTConfig
 
 FORMAT_VERSION = 1
@@ -31,6 +32,7 @@ CHECKPOINT_KEYS = ("model", "model_config", "state_mean", "state_std", "reward_s
 
 # Every model a checkpoint can hold, by the `kind` its config records: its config class and module.
 MODEL_KINDS = {"dt": (DTConfig, DecisionTransformer), "bc": (DTConfig, BehaviourCloning), "iql": (DTConfig, IQL),
+               "reinformer": (DTConfig, Reinformer),
                "tt": (TTConfig, TrajectoryTransformer)}
 
 

@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from datafiles import DataError, read_file
-from iql import iql_reward_scale, next_states  # IQL's transitions, built here with the rest
 from tasks import TaskError, task_for_name, task_from_attributes
 
 # The DT divides returns-to-go by a scale so that its return input is O(1)-O(10). The DT paper
@@ -60,14 +59,11 @@ class Trajectories:
     episode_returns: np.ndarray  # (E,) float64, undiscounted, unscaled, true (dense) rewards
     episodes_in_file: int        # E before keeping only the best episodes
     norm: Normalization
-    # IQL's transitions (s, a, r, s', done), only when asked for (load_trajectories(transitions=True))
-    rewards: torch.Tensor = None      # (N,) float32, dense or delayed, scaled as IQL does
-    next_states: torch.Tensor = None  # (N, S) float32, normalized
-    terminals: torch.Tensor = None    # (N,) float32, 1 where the episode truly ended: no bootstrap
-    iql_reward_scale: float = None    # the factor on the file's rewards in `rewards`
-    step_rewards: torch.Tensor = None  # (N,) float32, the rewards as trained on (dense or delayed), unscaled
-    falls: torch.Tensor = None        # (N,) bool, where the MDP truly ended (a body fell), whatever the mode
-    relabelled_goal: list = None      # the (x, y) a Minari maze's rewards were relabelled against
+    rewards: torch.Tensor        # (N,) float32, the rewards as trained on (dense or delayed), unscaled
+    terminals: torch.Tensor      # (N,) bool, where the MDP truly ended (a body fell), whatever the mode
+    sparse: bool = False         # a maze's 0/1 rewards, not a body's
+    given_next_states: torch.Tensor = None  # (N, S) normalized, where the file has next_observations
+    relabelled_goal: list = None  # the (x, y) a Minari maze's rewards were relabelled against
 
     @property
     def num_steps(self):
@@ -81,9 +77,14 @@ class Trajectories:
     def act_dim(self):
         return self.actions.shape[1]
 
+    def episode_ends(self):
+        """(N,) bool tensor, True on the last step of each episode."""
+        start = self.episode_start
+        return torch.cat((start[1:] != start[:-1], torch.ones(1, dtype=torch.bool, device=start.device)))
+
     def to(self, device):
-        for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start", "rewards",
-                     "next_states", "terminals", "step_rewards", "falls"):
+        for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start", "rewards", "terminals",
+                     "given_next_states"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -124,6 +125,23 @@ def episode_totals(rewards, ends):
     return np.add.reduceat(np.asarray(rewards, np.float64), episode_bounds(ends)[0])
 
 
+def relabelled_returns_to_go(rewards, ends, values):
+    """QDT's returns-to-go (Yamagata et al. 2023): backwards through each episode,
+    R_t = max(V(s_t), r_t + R_{t+1}), restarting at every episode end. Where a learned value
+    says more can be collected from s_t than this episode went on to collect, the label takes
+    the value, and the steps before it inherit it: a route that joins a better one carries that
+    one's return back into its own episode, which an episode's own return-to-go cannot."""
+    rewards, ends, values = (np.asarray(a, np.float64).tolist() for a in (rewards, ends, values))
+    out = [0.0] * len(rewards)
+    running = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        if ends[i]:
+            running = 0.0
+        running = max(values[i], rewards[i] + running)
+        out[i] = running
+    return np.array(out)
+
+
 def delay_rewards(rewards, ends):
     """Every reward of an episode moved to its last step, the sum unchanged (the DT paper's
     delayed-return test). The return-to-go is then the episode's whole return at every one of its
@@ -146,12 +164,11 @@ def keep_best_episodes(arrays, ends, top_pct):
     return {k: a[rows] for k, a in arrays.items()}, ends[rows]
 
 
-def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0, transitions=False):
+def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0):
     """Read a file into (Trajectories, tasks.Task or None when the file does not say). `top_pct`
     < 100 keeps only the best episodes (and takes the state statistics from them); reward_mode
     "delayed" trains on delay_rewards' returns-to-go (and rewards). Whatever the mode,
-    episode_returns are the true (dense) returns. `transitions` also builds IQL's (r, s', done)
-    for every step (see next_states)."""
+    episode_returns are the true (dense) returns."""
     arrays, attrs = read_file(path)
     try:
         task = task_from_attributes(attrs, path) or task_for_name(path)
@@ -186,21 +203,13 @@ def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0, trans
         episode_returns=episode_totals(arrays["rewards"], ends),
         episodes_in_file=episodes_in_file,
         norm=Normalization(torch.from_numpy(mean), torch.from_numpy(std), reward_scale, reward_mode),
+        rewards=torch.from_numpy(np.array(rewards, np.float32)),
+        terminals=torch.from_numpy(arrays["terminals"].astype(bool)),
+        sparse=sparse,
         relabelled_goal=attrs.get("relabel_goal"),
     )
-    if transitions:
-        nxt = arrays.get("next_observations")
-        data.iql_reward_scale = iql_reward_scale(data.episode_returns, sparse)
-        step_rewards = np.asarray(rewards, np.float32)
-        data.step_rewards = torch.from_numpy(step_rewards)
-        data.rewards = torch.from_numpy(step_rewards * np.float32(data.iql_reward_scale))
-        if nxt is not None:
-            nxt = ((nxt - mean) / std).astype(np.float32)
-        data.next_states = torch.from_numpy(next_states(states, end_idx, nxt))
-        # A delayed-reward episode is over once its return is paid: its last step is terminal.
-        done = ends if reward_mode == "delayed" else arrays["terminals"].astype(bool)
-        data.terminals = torch.from_numpy(done.astype(np.float32))
-        data.falls = torch.from_numpy(arrays["terminals"].astype(bool))
+    if "next_observations" in arrays:
+        data.given_next_states = torch.from_numpy(((arrays["next_observations"] - mean) / std).astype(np.float32))
     return data, task
 
 

@@ -61,6 +61,8 @@ METHODS = {
     "iql": ["--model", "iql", "--max-steps", "1000000", "--eval-every", "50000", "--log-every", "1000"],
     "iql-200k": ["--model", "iql", "--max-steps", "200000", "--eval-every", "20000", "--log-every", "1000"],
     "dt-120ep": ["--epochs", "120", "--eval-every", "4000"],
+    # The max-return DT on the DT's budget and architecture, the paper's expectile and loss weight.
+    "reinformer": ["--model", "reinformer", "--epochs", "20", "--eval-every", "2000"],
     # The Trajectory Transformer: batch 64 (the paper's 256 is four times the work of a CPU step),
     # no evaluation during training (planning costs seconds a step on a CPU). The first run's loss
     # (Hopper) fell by 1% over the last 2,000 of its 10,000 steps: what two CPU cores allow.
@@ -110,7 +112,14 @@ def plan():
     for method in ("tt-3500", "tt"):
         planners += [(f"{body}-{method}-dense-s{seed}", body, method, "dense", seed)
                      for seed in (0, 1) for body in ("walker2d", "halfcheetah")]
-    return budget_checks + runs + mazes + planners
+    # The sequence models taught to stitch: the max-return DT on the mazes first (seed 0 of each
+    # maze, then seed 1, ...), then on the bodies, dense with 3 seeds and delayed with 2.
+    stitchers = [(f"{maze}-reinformer-s{seed}", maze, "reinformer", "dense", seed)
+                 for seed in (0, 1, 2) for maze in STUDIES["maze2d"]]
+    stitchers += [(f"{body}-reinformer-{mode}-s{seed}", body, "reinformer", mode, seed) for seed in (0, 1, 2)
+                  for body in STUDIES["medium-expert"] for mode in ("dense", "delayed")
+                  if not (mode == "delayed" and seed == 2)]
+    return budget_checks + runs + mazes + planners + stitchers
 
 
 def study_of(task):

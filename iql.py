@@ -6,12 +6,12 @@ Where the DT conditions on the return that followed each step, IQL learns what e
 worth by Bellman backups, Q(s, a) = r + gamma * V(s'), and then clones the data's actions weighted
 by how much better than usual they were, exp(beta * (Q - V)). It never asks Q about an action
 outside the data: V is fitted to the data's own Q values by an expectile, which is what makes it
-safe offline. It trains on transitions (s, a, r, s', done): sample_transitions, from the arrays
-that data.load_trajectories(transitions=True) builds with next_states and iql_reward_scale.
+safe offline. It trains on transitions (s, a, r, s', done): `prepare` builds them from the DT's
+Trajectories (data.py) once, sample_transitions draws them.
 """
 import copy
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -31,11 +31,6 @@ class IQLConfig:
         if not (0 < self.expectile < 1 and self.temperature >= 0 and 0 <= self.discount < 1 and 0 < self.tau <= 1):
             return "iql needs 0 < --expectile < 1, --temperature >= 0, 0 <= --discount < 1 and 0 < --tau <= 1"
         return None
-
-
-def config_from(args):
-    """IQLConfig from a run's arguments (train.py's namespace)."""
-    return IQLConfig(**{f.name: getattr(args, f.name) for f in fields(IQLConfig)})
 
 
 def mlp(sizes):
@@ -197,28 +192,31 @@ def next_states(states, last, next_obs=None):
     return out
 
 
+@dataclass
+class Transitions:
+    """IQL's view of the data, every step one (s, a, r, s', done); s and a are the Trajectories'."""
+    rewards: torch.Tensor      # (N,) float32, dense or delayed, times `reward_scale`
+    next_states: torch.Tensor  # (N, S) float32, normalized
+    terminals: torch.Tensor    # (N,) float32, 1 where the episode truly ended: no bootstrap
+    reward_scale: float        # the factor on the file's rewards in `rewards`
+
+
+def prepare(data, reward_mode):
+    """train.py's hook, once before training: data.transitions from the Trajectories."""
+    ends = data.episode_ends().cpu().numpy()
+    scale = iql_reward_scale(data.episode_returns, data.sparse)
+    given = None if data.given_next_states is None else data.given_next_states.cpu().numpy()
+    nxt = next_states(data.states.cpu().numpy(), np.flatnonzero(ends), given)
+    # A delayed-reward episode is over once its return is paid: its last step is terminal.
+    done = ends if reward_mode == "delayed" else data.terminals.cpu().numpy()
+    device = data.states.device
+    data.transitions = Transitions(rewards=data.rewards * scale, next_states=torch.from_numpy(nxt).to(device),
+                                   terminals=torch.as_tensor(done, dtype=torch.float32, device=device),
+                                   reward_scale=scale)
+
+
 def sample_transitions(data, batch_size, generator=None):
     """IQL's batch: (s, a, r, s', done) at uniformly drawn steps, each (B, ...)."""
     i = torch.randint(0, data.num_steps, (batch_size,), device=data.states.device, generator=generator)
-    return data.states[i], data.actions[i], data.rewards[i], data.next_states[i], data.terminals[i]
-
-
-# What IQL brings to train.py's loop (train.Recipe): the IQL paper's MuJoCo settings (batch 256,
-# Adam at 3e-4, 2 x 256 MLPs, no weight decay or gradient clipping), transitions, iql_loss.
-TRAINING = dict(
-    defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_head=1, n_embd=256, dropout=0.0, weight_decay=0.0,
-                  grad_clip=None, **asdict(IQLConfig())),
-    settings=("n_layer", "n_embd", *IQLConfig.__dataclass_fields__),
-    rows_per_sample=lambda args: 1,
-    sample=lambda data, args, gen: sample_transitions(data, args.batch_size, gen),
-    objective=lambda model, args, amp: Objective(model, config_from(args)),
-    optimizer=lambda model, args: configure_optimizer(model, args.lr),
-    lr=actor_lr,
-    # Its Bellman targets and log-probabilities are sums and differences of large numbers, where
-    # bf16's 8 bits of mantissa would be noise.
-    bf16=False,
-    after_step=lambda model, args: model.update_targets(args.tau),
-    check=lambda args: config_from(args).problem(),
-    transitions=True,
-    describe=lambda data: f"rewards x {data.iql_reward_scale:.4g}",
-)
+    t = data.transitions
+    return data.states[i], data.actions[i], t.rewards[i], t.next_states[i], t.terminals[i]

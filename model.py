@@ -220,6 +220,12 @@ class DecisionTransformer(nn.Module):
         return torch.tanh(self.predict_action(self.ln_f(x[:, -1])))
 
 
+def action_loss(pred, target, mask):
+    """Mean squared error of (B, K, A) predicted actions over real (unpadded) steps only."""
+    m = mask[..., None].to(pred.dtype)
+    return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
+
+
 def configure_optimizer(model, lr, weight_decay, betas=(0.9, 0.999)):
     """AdamW with weight decay on matrices (linear weights, embeddings) only: decaying biases and
     LayerNorm gains pulls them toward zero for no regularisation benefit."""

@@ -41,7 +41,8 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     if isinstance(model, TrajectoryTransformer):
         policies = [Planner(model, norm, hi - lo, planning or PlanSettings(), device) for lo, hi in envs.parts]
     else:
-        policies = [WindowPolicy(model, norm, target, hi - lo, device, compile, bf16) for lo, hi in envs.parts]
+        acting = MaxReturnPolicy if model.cfg.kind == "reinformer" else WindowPolicy
+        policies = [acting(model, norm, target, hi - lo, device, compile, bf16) for lo, hi in envs.parts]
     returns = np.zeros(episodes)
     done = np.zeros(episodes, bool)
 
@@ -93,7 +94,7 @@ class WindowPolicy:
     def __init__(self, model, norm, target, episodes, device, compile, bf16):
         self.norm, self.target, self.device = norm, target, device
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.policy = model.get_action
+        self.model, self.policy = model, model.get_action
         if compile:
             self.policy = torch.compile(self.policy, mode="reduce-overhead" if device.type == "cuda" else None)
         K, S, A = model.cfg.context_len, model.cfg.state_dim, model.cfg.act_dim
@@ -104,24 +105,43 @@ class WindowPolicy:
 
     def act(self, states, returns, t):
         """(E, S) normalized states, each episode's return so far, the step -> (E, A) actions."""
+        window = self.advance(states, t)
+        self.rtg[:, -1, 0] = torch.as_tensor(self.norm.return_to_go(self.target, returns), dtype=torch.float32)
+        with self.amp:
+            action = self.policy(*window).float()
+        self.actions[:, -1] = action
+        return action
+
+    def advance(self, states, t):
+        """Shift the windows one step and put the new states in: -> the model's inputs (states,
+        actions, returns-to-go, timesteps, mask), the last action and return-to-go still zeros."""
         K = self.states.shape[1]
         if t > 0:
             for window in (self.states, self.actions, self.rtg, self.real):
                 window.copy_(window.roll(-1, dims=1))
             self.actions[:, -1] = 0.0
+            self.rtg[:, -1] = 0.0
         self.states[:, -1] = states
-        self.rtg[:, -1, 0] = torch.as_tensor(self.norm.return_to_go(self.target, returns), dtype=torch.float32)
         self.real[:, -1] = True
         # Absolute episode times of the window's steps; padded steps get 0, as in training.
         timesteps = torch.arange(t - K + 1, t + 1, device=self.device).clamp(min=0).expand(len(states), K)
-        with self.amp:
-            action = self.policy(self.states, self.actions, self.rtg, timesteps, self.real if t < K - 1 else None)
-        action = action.float()
-        self.actions[:, -1] = action
-        return action
+        return self.states, self.actions, self.rtg, timesteps, self.real if t < K - 1 else None
 
     def observe(self, rewards):
         """The window holds returns-to-go, not rewards: nothing to add."""
+
+
+class MaxReturnPolicy(WindowPolicy):
+    """How Reinformer acts: no target; every step it predicts the return R̂ from the new state,
+    writes it where the DT would have the return-to-go, and takes the action read off it."""
+
+    def act(self, states, returns, t):
+        window = self.advance(states, t)
+        with self.amp:
+            self.rtg[:, -1, 0] = self.model.get_return(*window).float()
+            action = self.model.get_action(*window).float()
+        self.actions[:, -1] = action
+        return action
 
 
 def check_env_matches(envs, env_id, cfg):

@@ -28,6 +28,8 @@ import torch
 import distributed
 import download
 import iql
+import qdt
+import reinformer
 import tt
 from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, check_same_data, claim_output,
                         release_output, restore, resume_run, rng_state, save_checkpoint)
@@ -35,18 +37,12 @@ from data import load_trajectories, sample_batch
 from datafiles import DataError
 from device import bf16_pays, compile_mode, compiles, evaluates_in_bf16, resolve_device
 from graphsteps import GraphedSteps
-from model import DTConfig, configure_optimizer, get_lr
+from model import DTConfig, action_loss, configure_optimizer, get_lr
 from rollout import rollout
 from runlog import Progress, mean_finite_loss, open_log
 from tasks import locomotion_task
 
 DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
-
-
-def action_loss(pred, target, mask):
-    """Mean squared error over real (unpadded) steps only."""
-    m = mask[..., None].to(pred.dtype)
-    return ((pred - target) ** 2 * m).sum() / (m.sum() * pred.shape[-1])
 
 
 class ActionLoss(torch.nn.Module):
@@ -67,8 +63,8 @@ class ActionLoss(torch.nn.Module):
 @dataclass(frozen=True)
 class Recipe:
     """What one model brings to the training loop, which itself names no model: its paper's
-    settings, how a batch is drawn, its loss, its optimizer and its learning-rate schedule. The
-    DT's and BC's are below; every other model's file holds its own (iql.TRAINING, tt.TRAINING)."""
+    settings, how a batch is drawn, its loss, its optimizer and its learning-rate schedule, each
+    from the run's settings to the plain values its file's functions take."""
     defaults: dict       # for the flags left unset
     settings: tuple      # the flags it reads beside COMMON's; the config line shows these
     rows_per_sample: Callable  # (args) -> dataset rows one sample covers, which sizes an epoch
@@ -79,8 +75,7 @@ class Recipe:
     bf16: bool = True    # may train under bf16 autocast
     after_step: Callable = None  # (model, args), after each optimizer step
     check: Callable = None       # (args) -> what is wrong with its settings, or None
-    transitions: bool = False    # needs the data's rewards and terminations step by step
-    prepare: Callable = None     # (data, args): what it makes of the data once (TT: tokens and bins)
+    prepare: Callable = None     # (data, args): what it makes of the data once (IQL: transitions)
     config: Callable = None      # (args, data) -> its model's config; default model_config
     describe: Callable = None    # (data) -> how it sees the rewards, for the data: line
 
@@ -95,15 +90,58 @@ WINDOWS = dict(
     optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay),
     lr=get_lr,
 )
+DT_SETTINGS = ("context_len", "n_layer", "n_head", "n_embd", "dropout", "weight_decay", "grad_clip", "gamma")
+
+
+def iql_config(args):
+    return iql.IQLConfig(args.expectile, args.temperature, args.discount, args.tau)
+
+
 MODELS = {
-    "dt": Recipe(settings=("context_len", "n_layer", "n_head", "n_embd", "dropout", "weight_decay",
-                           "grad_clip", "gamma"), **WINDOWS),
+    "dt": Recipe(settings=(*DT_SETTINGS, "relabel_returns"), **WINDOWS),
     # BC predicts each step of a window from its state alone: the same batches, loss and schedule.
     "bc": Recipe(settings=("context_len", "n_layer", "n_embd", "dropout", "weight_decay", "grad_clip"),
                  **WINDOWS),
-    # The others bring their own entries, from their files: iql.TRAINING, tt.TRAINING.
-    "iql": Recipe(**iql.TRAINING),
-    "tt": Recipe(**tt.TRAINING),
+    # The max-return DT (reinformer.py): the DT's windows and settings, the paper's expectile and
+    # loss weight, its loss.
+    "reinformer": Recipe(**{**WINDOWS, "defaults": {**WINDOWS["defaults"], "expectile": reinformer.EXPECTILE,
+                                                    "return_weight": reinformer.RETURN_WEIGHT},
+                            "objective": lambda model, args, amp: reinformer.Objective(
+                                model, amp, args.expectile, args.return_weight)},
+                         settings=(*DT_SETTINGS, "expectile", "return_weight"),
+                         check=lambda args: reinformer.check(args.expectile, args.return_weight)),
+    # IQL (iql.py): the IQL paper's MuJoCo settings (batch 256, Adam at 3e-4, 2 x 256 MLPs, no
+    # weight decay or gradient clipping), single transitions, iql_loss.
+    "iql": Recipe(defaults=dict(batch_size=256, lr=3e-4, n_layer=2, n_head=1, n_embd=256, dropout=0.0,
+                                weight_decay=0.0, grad_clip=None, **asdict(iql.IQLConfig())),
+                  settings=("n_layer", "n_embd", *iql.IQLConfig.__dataclass_fields__),
+                  rows_per_sample=lambda args: 1,
+                  sample=lambda data, args, gen: iql.sample_transitions(data, args.batch_size, gen),
+                  objective=lambda model, args, amp: iql.Objective(model, iql_config(args)),
+                  optimizer=lambda model, args: iql.configure_optimizer(model, args.lr),
+                  lr=iql.actor_lr,
+                  # Its Bellman targets and log-probabilities are sums and differences of large
+                  # numbers, where bf16's 8 bits of mantissa would be noise.
+                  bf16=False,
+                  after_step=lambda model, args: model.update_targets(args.tau),
+                  check=lambda args: iql_config(args).problem(),
+                  prepare=lambda data, args: iql.prepare(data, args.reward_mode),
+                  describe=lambda data: f"rewards x {data.transitions.reward_scale:.4g}"),
+    # The Trajectory Transformer (tt.py): the paper's settings (4 layers, 4 heads, 128 wide, AdamW
+    # at 6e-4 with weight decay 0.1 and betas (0.9, 0.95), gradient clipping 1, batch 256), windows
+    # of 10 transitions as tokens, weighted_token_loss.
+    "tt": Recipe(defaults=dict(batch_size=256, lr=6e-4, n_layer=4, n_head=4, n_embd=128, dropout=0.1,
+                               weight_decay=0.1, grad_clip=1.0),
+                 settings=("n_layer", "n_head", "n_embd", "dropout", "weight_decay", "grad_clip"),
+                 rows_per_sample=lambda args: tt.TTConfig.n_transitions,
+                 sample=lambda data, args, gen: tt.sample_windows(data.tokens, data.tt_config, args.batch_size, gen),
+                 objective=lambda model, args, amp: tt.Objective(model, amp),
+                 optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay,
+                                                                   betas=(0.9, 0.95)),
+                 lr=get_lr,
+                 prepare=lambda data, args: tt.prepare(data, args.n_layer, args.n_head, args.n_embd, args.dropout),
+                 config=lambda args, data: data.tt_config,
+                 describe=tt.describe),
 }
 # The flags every model reads; the others belong to the models whose `settings` name them.
 COMMON = ("data", "env", "model", "epochs", "max_steps", "batch_size", "lr", "reward_mode", "top_pct",
@@ -117,7 +155,7 @@ def parse_args(argv=None):
                                   f"data/NAME.hdf5 is downloaded)")
     p.add_argument("--env", help="gymnasium env id (default: from the data file)")
     p.add_argument("--model", default="dt", choices=list(MODELS),
-                   help="dt: Decision Transformer; tt: Trajectory Transformer (plans with beam search); the "
+                   help="dt: Decision Transformer; reinformer: the max-return DT (predicts its own target); tt: Trajectory Transformer (plans with beam search); the "
                         "baselines bc: behaviour cloning (state -> action), iql: Implicit Q-Learning")
     p.add_argument("--epochs", type=float, default=120)
     p.add_argument("--max-steps", type=int, help="train this many steps instead of --epochs")
@@ -130,11 +168,16 @@ def parse_args(argv=None):
     p.add_argument("--n-head", type=int, help="default 1; 4 for tt")
     p.add_argument("--n-embd", type=int, help="default 128; 256 for iql")
     p.add_argument("--dropout", type=float, help="default 0.1; 0 for iql")
-    p.add_argument("--expectile", type=float, help="iql: the expectile V is fitted to (default 0.7)")
+    p.add_argument("--expectile", type=float, help="iql: the expectile V is fitted to (default 0.7); reinformer: "
+                                                   "the expectile its predicted return is fitted to (default 0.99)")
+    p.add_argument("--return-weight", type=float, help="reinformer: weight of the return loss beside the action's "
+                                                       "(default 1)")
     p.add_argument("--temperature", type=float, help="iql: beta in the actor's weights exp(beta (Q - V)) (default 3)")
     p.add_argument("--discount", type=float, help="iql: gamma of the Bellman backups (default 0.99)")
     p.add_argument("--tau", type=float, help="iql: Polyak rate of the target Q networks (default 0.005)")
     p.add_argument("--gamma", type=float, default=1.0, help="discount for returns-to-go (1: the DT paper)")
+    p.add_argument("--relabel-returns", metavar="IQL_CKPT", help="dt: train on QDT's returns-to-go, relabelled "
+                   "with the V of an IQL checkpoint trained on the same data and rewards")
     p.add_argument("--reward-mode", default="dense", choices=["dense", "delayed"],
                    help="delayed: each episode's rewards all arrive at its last step (the sparse-reward test)")
     p.add_argument("--top-pct", type=float, default=100.0, metavar="X",
@@ -379,8 +422,9 @@ def load_data(args):
     """(Trajectories, tasks.Task): the data, and where its policy is evaluated: --env, or what the
     file says (a maze's eval_env_spec, a D4RL file's name)."""
     path = download.locate(args.data)  # minari:ID, hf:CONFIG and missing D4RL files are fetched
-    data, task = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode,
-                                   top_pct=args.top_pct, transitions=MODELS[args.model].transitions)
+    data, task = load_trajectories(path, gamma=args.gamma, reward_mode=args.reward_mode, top_pct=args.top_pct)
+    if args.relabel_returns:
+        qdt.relabel(data, args.relabel_returns, args.reward_mode)
     if args.env:
         task = locomotion_task(args.env)
     if task is None:
@@ -394,6 +438,8 @@ def describe_data(args, data, task, device):
     if data.relabelled_goal:
         x, y = data.relabelled_goal
         delayed += f", rewards relabelled against the evaluation goal ({x:g}, {y:g}) as D4RL's maze2d"
+    if args.relabel_returns:
+        delayed += f", returns-to-go relabelled with the V of {args.relabel_returns} (QDT)"
     describe = MODELS[args.model].describe
     scale = describe(data) if describe else f"returns-to-go / {data.norm.reward_scale:g}"
     precision = "bf16 autocast" if use_bf16(args, device) else "fp32"
@@ -405,11 +451,10 @@ def describe_data(args, data, task, device):
 def check_foreign_flags(p, args, argv):
     """A flag that only other models read (--expectile with the DT) is a mistake, not a no-op."""
     own, written = set(COMMON) | set(MODELS[args.model].settings), flags_given(p, argv)
-    for name, recipe in MODELS.items():
-        given = [k for k in recipe.settings if k not in own and k in written]
-        if given:
-            flags = ", ".join("--" + k.replace("_", "-") for k in given)
-            p.error(f"{flags}: for --model {name} only")
+    for name in sorted(written - own):
+        owners = [model for model, recipe in MODELS.items() if name in recipe.settings]
+        if owners:
+            p.error(f"--{name.replace('_', '-')}: for --model {' or '.join(owners)} only")
 
 
 def check_args(p, args):
@@ -435,6 +480,8 @@ def check_args(p, args):
         p.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
     if not 0 < args.top_pct <= 100:
         p.error("--top-pct must be above 0 and at most 100")
+    if args.relabel_returns and args.gamma != 1:
+        p.error("--relabel-returns: QDT relabels undiscounted returns-to-go; leave --gamma at 1")
 
 
 def report_end(args, world, done, total_steps, saved_step, start_step, elapsed, elapsed_before, loss, log_path):

@@ -284,15 +284,15 @@ class TokenData:
 
 def transitions_table(data, discount):
     """(rows (N, D) float64 of (s, a, r, V), last index (N,), terminal end (N,)) of Trajectories
-    loaded with transitions=True. r: the reward as trained on (dense or delayed), the falling step's
+    (data.py). r: the reward as trained on (dense or delayed), the falling step's
     replaced by TERMINATION_PENALTY; V_t: the discounted sum of the episode's rewards after t."""
     states, actions = data.states.cpu().numpy(), data.actions.cpu().numpy()
     start = data.episode_start.cpu().numpy()
     n = len(start)
     episode_last = np.flatnonzero(np.r_[start[1:] != start[:-1], True])
     last = episode_last[np.searchsorted(episode_last, np.arange(n))]
-    fell = data.falls.cpu().numpy()
-    rewards = np.where(fell, TERMINATION_PENALTY, data.step_rewards.cpu().numpy().astype(np.float64))
+    fell = data.terminals.cpu().numpy()
+    rewards = np.where(fell, TERMINATION_PENALTY, data.rewards.cpu().numpy().astype(np.float64))
     value = np.zeros(n)
     for i in range(n - 2, -1, -1):  # once at load time
         if last[i] != i:
@@ -302,7 +302,7 @@ def transitions_table(data, discount):
 
 
 def tokenize(data, cfg):
-    """Trajectories (transitions=True) -> (TokenData, the Discretizer fitted on them)."""
+    """Trajectories -> (TokenData, the Discretizer fitted on them)."""
     rows, last, terminal_end = transitions_table(data, cfg.discount)
     discretizer = Discretizer.fit(rows, cfg.n_bins)
     tokens = discretizer.encode(torch.as_tensor(rows, dtype=torch.float32))
@@ -311,15 +311,15 @@ def tokenize(data, cfg):
 
 def describe(data):
     """The data: line's word on how TT sees the data."""
-    falls = f", reward {TERMINATION_PENALTY:g} for a fall" if bool(data.falls.any()) else ""  # a maze has none
+    falls = f", reward {TERMINATION_PENALTY:g} for a fall" if bool(data.terminals.any()) else ""  # a maze has none
     return f"{data.tt_config.n_bins} bins a dimension, {data.tt_config.transition_dim} tokens a transition{falls}"
 
 
-def prepare(data, args):
+def prepare(data, n_layer, n_head, n_embd, dropout):
     """train.py's hook, once before training: the model's config, the data as tokens, and the bins,
     which go into the data's normalization since every rollout must encode with them."""
-    data.tt_config = TTConfig(state_dim=data.state_dim, act_dim=data.act_dim, n_layer=args.n_layer,
-                              n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    data.tt_config = TTConfig(state_dim=data.state_dim, act_dim=data.act_dim, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd, dropout=dropout)
     tokens, discretizer = tokenize(data, data.tt_config)
     data.tokens = tokens.to(data.states.device)
     data.norm.bins = discretizer.edges.to(data.states.device)
@@ -338,22 +338,3 @@ def sample_windows(tokens, cfg, batch_size, generator=None):
     rows = torch.where(beyond[..., None], N, rows).flatten(1)
     keep = (~beyond | tokens.terminal_end[first][:, None]).repeat_interleave(D, dim=1)
     return rows[:, :-1], rows[:, 1:], keep[:, 1:]
-
-
-# What TT brings to train.py's loop (train.Recipe): the paper's settings (4 layers, 4 heads, 128
-# wide, AdamW at 6e-4 with weight decay 0.1 and betas (0.9, 0.95), gradient clipping 1.0, batch
-# 256), windows of 10 transitions as tokens, weighted_token_loss.
-TRAINING = dict(
-    defaults=dict(batch_size=256, lr=6e-4, n_layer=4, n_head=4, n_embd=128, dropout=0.1, weight_decay=0.1,
-                  grad_clip=1.0),
-    settings=("n_layer", "n_head", "n_embd", "dropout", "weight_decay", "grad_clip"),
-    rows_per_sample=lambda args: TTConfig.n_transitions,
-    sample=lambda data, args, gen: sample_windows(data.tokens, data.tt_config, args.batch_size, gen),
-    objective=lambda model, args, amp: Objective(model, amp),
-    optimizer=lambda model, args: configure_optimizer(model, args.lr, args.weight_decay, betas=(0.9, 0.95)),
-    lr=get_lr,
-    transitions=True,
-    prepare=prepare,
-    config=lambda args, data: data.tt_config,
-    describe=describe,
-)

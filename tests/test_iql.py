@@ -32,24 +32,27 @@ def test_transitions_respect_terminals_time_limits_and_delayed_rewards(tmp_path,
         obs, rewards = f["observations"][()], f["rewards"][()].astype(np.float64)
         if with_next_observations:
             f["next_observations"] = obs + 100.0  # nothing like the next row: which one is used shows
-    data, _ = load_trajectories(path, transitions=True)
+    data, _ = load_trajectories(path)
+    iql.prepare(data, "dense")
+    t = data.transitions
     raw = lambda x: x * data.norm.state_std + data.norm.state_mean  # noqa: E731
     starts, ends = [0, 4, 7], [3, 6, 11]
     totals = [rewards[s:e + 1].sum() for s, e in zip(starts, ends)]
     scale = 1000 / (max(totals) - min(totals))  # the IQL paper's reward scaling for locomotion
-    torch.testing.assert_close(data.rewards, torch.tensor(rewards * scale, dtype=torch.float32))
-    assert data.terminals.tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # only the fall ends the MDP
+    torch.testing.assert_close(t.rewards, torch.tensor(rewards * scale, dtype=torch.float32))
+    assert t.terminals.tolist() == [0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0]  # only the fall ends the MDP
     inside = [i for i in range(12) if i not in ends]
-    torch.testing.assert_close(data.next_states[inside], data.states[[i + 1 for i in inside]])
+    torch.testing.assert_close(t.next_states[inside], data.states[[i + 1 for i in inside]])
     for e in (3, 11):  # cut by the time limit: bootstrapped, from the file's s' or the step's own state
         expected = obs[e] + 100.0 if with_next_observations else obs[e]
-        torch.testing.assert_close(raw(data.next_states[e]), torch.tensor(expected), rtol=0, atol=1e-4)
+        torch.testing.assert_close(raw(t.next_states[e]), torch.tensor(expected), rtol=0, atol=1e-4)
 
-    delayed, _ = load_trajectories(path, transitions=True, reward_mode="delayed")
-    assert delayed.terminals.tolist() == [1.0 if i in ends else 0.0 for i in range(12)]  # paid, then over
+    delayed, _ = load_trajectories(path, reward_mode="delayed")
+    iql.prepare(delayed, "delayed")
+    assert delayed.transitions.terminals.tolist() == [1.0 if i in ends else 0.0 for i in range(12)]  # paid, then over
     expected = np.zeros(12)
     expected[ends] = np.array(totals) * scale  # every episode's whole return on its last step
-    torch.testing.assert_close(delayed.rewards, torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(delayed.transitions.rewards, torch.tensor(expected, dtype=torch.float32))
 
 
 def test_the_td_target_does_not_bootstrap_past_a_termination():
@@ -84,7 +87,7 @@ def test_iql_trains_evaluates_and_counts_an_epoch_in_transitions(tmp_path, capsy
     captured = capsys.readouterr()
     results = [json.loads(line) for line in captured.out.splitlines()]
     assert len(results) == 1 and results[0]["model"] == "iql" and "evaluating once" in captured.err
-    assert_usage_error(run_cli("train.py", "--data", str(data), "--expectile", "0.9"), "for --model iql only")
+    assert_usage_error(run_cli("train.py", "--data", str(data), "--expectile", "0.9"), "for --model reinformer or iql only")
     if importlib.util.find_spec("matplotlib"):  # V(s_t) along the data's episodes, as the README draws it
         png = tmp_path / "values.png"
         plot.main(["--values", str(out), "--data", str(data), "--out", str(png)])

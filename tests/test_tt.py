@@ -162,7 +162,7 @@ def test_the_penalty_and_the_value_follow_the_paper(tmp_path):
         f["terminals"][...] = [0, 0, 1, 0, 0, 0, 0]
         f["timeouts"][...] = [0, 0, 0, 0, 0, 0, 1]
     from data import load_trajectories
-    data, _ = load_trajectories(path, transitions=True)
+    data, _ = load_trajectories(path)
     rows, last, terminal_end = tt.transitions_table(data, 0.5)
     assert rows[:, -2].tolist() == [1, 2, tt.TERMINATION_PENALTY, 1, 1, 1, 1]
     assert rows[:3, -1].tolist() == [2 + 0.5 * tt.TERMINATION_PENALTY, tt.TERMINATION_PENALTY, 0]
