@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datafiles import DataError, read_file
-from tasks import TaskError, task_for_name, task_from_attributes
+from common.datafiles import DataError, read_file
+from common.tasks import TaskError, task_for_name, task_from_attributes
 
 # The DT divides returns-to-go by a scale so that its return input is O(1)-O(10). The DT paper
 # uses 1000 for the MuJoCo bodies, whose returns are thousands. A sparse maze pays 1 per step
@@ -123,23 +123,6 @@ def episode_bounds(ends):
 def episode_totals(rewards, ends):
     """Each episode's undiscounted return, summed in float64."""
     return np.add.reduceat(np.asarray(rewards, np.float64), episode_bounds(ends)[0])
-
-
-def relabelled_returns_to_go(rewards, ends, values):
-    """QDT's returns-to-go (Yamagata et al. 2023): backwards through each episode,
-    R_t = max(V(s_t), r_t + R_{t+1}), restarting at every episode end. Where a learned value
-    says more can be collected from s_t than this episode went on to collect, the label takes
-    the value, and the steps before it inherit it: a route that joins a better one carries that
-    one's return back into its own episode, which an episode's own return-to-go cannot."""
-    rewards, ends, values = (np.asarray(a, np.float64).tolist() for a in (rewards, ends, values))
-    out = [0.0] * len(rewards)
-    running = 0.0
-    for i in range(len(rewards) - 1, -1, -1):
-        if ends[i]:
-            running = 0.0
-        running = max(values[i], rewards[i] + running)
-        out[i] = running
-    return np.array(out)
 
 
 def delay_rewards(rewards, ends):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from datafiles import DataError, one_line, read_hdf5
+from common.datafiles import DataError, one_line, read_hdf5
 
 BASE_URL = "http://rail.eecs.berkeley.edu/datasets/offline_rl/gym_mujoco_v2"
 BODIES = ("halfcheetah", "hopper", "walker2d")

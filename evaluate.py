@@ -21,11 +21,10 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from checkpoint import RunError, load_checkpoint
-from device import evaluates_in_bf16, resolve_device
-from plan import PlanSettings, add_planning_flags, check_planning_flags
-from rollout import rollout
-from tasks import task_from_checkpoint
+from common.checkpoint import RunError, load_checkpoint
+from common.device import evaluates_in_bf16, resolve_device
+from common.rollout import rollout
+from common.tasks import task_from_checkpoint
 
 
 MANY_EPISODES = 100  # from here on the environments, stepped one by one, cost more than the policy
@@ -48,9 +47,13 @@ def parse_args(argv=None):
                    help="render episode 0 of the first target to an MP4 (or .gif) file")
     p.add_argument("--video-seconds", type=float, help="keep only the first seconds of the video "
                    "(default: the whole episode; a short GIF for a web page)")
-    add_planning_flags(p, "a TT checkpoint")
+    p.add_argument("--beam-width", type=int, help="a TT checkpoint: plans kept per step (default 128, the paper's)")
+    p.add_argument("--horizon", type=int, help="a TT checkpoint: transitions planned ahead (default 15, the "
+                   "paper's; it uses 5 for HalfCheetah and Walker2d)")
     args = p.parse_args(argv)
-    check_planning_flags(p, args)
+    for flag, value in (("--beam-width", args.beam_width), ("--horizon", args.horizon)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, not {value}")
     if args.episodes < 1 or (args.env_workers is not None and args.env_workers < 1):
         p.error("--episodes and --env-workers must be at least 1")
     if args.video_seconds is not None and args.video_seconds <= 0:
@@ -59,14 +62,14 @@ def parse_args(argv=None):
         if path and not Path(path).parent.is_dir():
             p.error(f"{flag} {path}: no such directory: {Path(path).parent}")
     if args.plot:
-        from plot import require_matplotlib
+        from study.plot import require_matplotlib
         require_matplotlib(p, "--plot")
     if args.video and (args.env_workers or 1) > 1:
         p.error("--video records its episode in this process: leave out --env-workers")
     if args.env_workers is None:
         args.env_workers = len(os.sched_getaffinity(0)) if args.episodes >= MANY_EPISODES and not args.video else 1
     if args.video:
-        from video import check_video_args
+        from common.video import check_video_args
         check_video_args(p, args)
     return args
 
@@ -89,11 +92,10 @@ def main(argv=None):
     if not planning and (args.beam_width or args.horizon):
         raise RunError(f"{args.checkpoint}: --beam-width and --horizon are for a TT checkpoint; this is "
                        f"{model.cfg.kind.upper()}")
-    settings = PlanSettings.given(args.beam_width, args.horizon)
     # In the training's precision where that pays; checkpoints from before it was recorded, in fp32.
     # A plan is searched in fp32: its beams are ranked by sums of predicted rewards and values.
     bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device) and not planning
-    conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, TT plans
+    conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, Reinformer on its own R̂, TT plans
     if not conditioned and len(targets) > 1:
         print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",
               file=sys.stderr)
@@ -103,31 +105,31 @@ def main(argv=None):
     for target in targets:
         recorder = None
         if args.video and not results:
-            from video import Recorder
+            from common.video import Recorder
             recorder = Recorder(args.video_seconds)
-        steps, t0 = StepCounter(), time.perf_counter()
+        t0 = time.perf_counter()
         try:
-            returns = rollout(model, norm, task, target, args.episodes, args.seed, progress=not args.json,
-                              recorder=recorder, env_workers=args.env_workers, record=steps, planning=settings,
-                              bf16=bf16)
+            returns, lengths, policy = rollout(
+                model, norm, task, target, args.episodes, args.seed, progress=not args.json, recorder=recorder,
+                env_workers=args.env_workers, planning={"beam_width": args.beam_width, "horizon": args.horizon},
+                bf16=bf16)
         except RunError as e:  # the env does not fit this checkpoint: name both
             raise RunError(f"{args.checkpoint}: {e}") from None
-        seconds = time.perf_counter() - t0
+        seconds, steps = time.perf_counter() - t0, int(lengths.max())
         result = {
             "env": env_id, "model": model.cfg.kind, "target": target, "episodes": args.episodes,
-            "returns": [round(float(r), 2) for r in returns],
+            "returns": [round(float(r), 2) for r in returns], "lengths": lengths.tolist(),
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
             "normalized_score": task.normalized_score(float(returns.mean())),
-            "ref_returns": list(task.ref_returns), "precision": "bf16" if bf16 else "fp32",
+            "ref_returns": list(task.ref_returns), "policy": policy, "precision": "bf16" if bf16 else "fp32",
             # One policy call acts for every episode at once: a step of all of them.
-            "seconds_per_step": seconds / steps.taken,
-            "env_steps_per_s": args.episodes * steps.taken / seconds,
+            "seconds_per_step": seconds / steps,
+            "env_steps_per_s": args.episodes * steps / seconds,
         }
         if planning:
-            result.update(beam_width=settings.beam_width, horizon=settings.horizon)
+            result.update(beam_width=args.beam_width, horizon=args.horizon)
         results.append(result)
-        asked = (f"target {target:g}" if conditioned else f"TT, beam {settings.beam_width}, horizon {settings.horizon}"
-                 if planning else f"{model.cfg.kind.upper()} (no target)")
+        asked = policy if conditioned or planning else f"{model.cfg.kind.upper()}, {policy}"
         if args.json:
             print(json.dumps(result), flush=True)
         else:
@@ -138,28 +140,18 @@ def main(argv=None):
     if len(results) > 1 and not args.json:
         print_sweep(results)
     if args.plot:
-        from plot import plot_sweep
+        from study.plot import plot_sweep
         plot_sweep(results, args.plot, f"{env_id}: {Path(args.checkpoint).name}")
         print(f"plot: {args.plot}", file=out)
-
-
-class StepCounter:
-    """rollout's `record` hook, called with the observations after the reset and after every
-    step: counts the steps without keeping the observations (at 1,000 episodes, over 100 MB)."""
-
-    def __init__(self):
-        self.taken = -1  # the first call is the reset's
-
-    def append(self, observations):
-        self.taken += 1
 
 
 def print_result(r, returns, asked):
     print(f"{r['env']}  {asked}  ({r['episodes']} episode{'s' if r['episodes'] > 1 else ''})")
     print("  returns:", " ".join(f"{x:.1f}" for x in returns))
+    print("  lengths:", " ".join(str(n) for n in r["lengths"]))
     print(f"  mean {r['mean_return']:.1f} ± {r['std_return']:.1f}   "
           f"D4RL normalized score {r['normalized_score']:.1f}")
-    if "beam_width" in r:
+    if r["model"] == "tt":
         print(f"  planning: {r['seconds_per_step']:.2f} s a step for all {r['episodes']} episodes together, "
               f"{r['env_steps_per_s']:.1f} env steps/s")
 

@@ -3,7 +3,7 @@ of the full forward, and the pipeline around it (returns-to-go, windows, a few t
 that lower the loss, a rollout scored as D4RL does).
 
 Tests: CPU only, no network, small synthetic data made under pytest's tmp_path. The other files
-are under tests/, one per file under test; conftest.py holds what they share."""
+are under tests/, one per file under test; tests/helpers.py holds what they share."""
 import csv
 import json
 
@@ -19,7 +19,7 @@ from data import episode_ends, load_trajectories, returns_to_go, sample_batch
 from model import (DecisionTransformer, DTConfig, attention_with_dropout, causal_mask, configure_optimizer,
                    padded_causal_mask)
 
-from conftest import A, S, random_window, tiny_model, write_d4rl
+from tests.helpers import A, S, dataset, random_window, tiny_model, trained, write_d4rl  # noqa: F401 (fixtures)
 
 
 def test_changing_later_tokens_never_changes_earlier_predictions():

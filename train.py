@@ -1,6 +1,6 @@
 """
-Train a Decision Transformer on D4RL-style trajectories (or --model tt, bc, iql: the others it is
-measured against).
+Train a Decision Transformer on D4RL-style trajectories (or --model reinformer, tt, bc, iql: the
+others it is measured against, from methods/).
 
     python train.py --epochs 120                  # halfcheetah-expert-v2, downloaded when missing
     python train.py --data my.hdf5 --max-steps 2000
@@ -12,7 +12,7 @@ measured against).
 One epoch is one pass over the dataset's timesteps: ceil(N / (batch_size * context_len)) steps
 (IQL draws single transitions: ceil(N / batch_size)).
 Writes ckpt.pt (model, optimizer, RNG state, config, dataset statistics, step) every --save-every
-steps and at the end, and a CSV log beside it (python plot.py ckpt.csv draws it). Ctrl-C saves a
+steps and at the end, and a CSV log beside it (python -m study.plot ckpt.csv draws it). Ctrl-C saves a
 checkpoint and exits.
 """
 import argparse
@@ -25,22 +25,20 @@ from typing import Callable
 
 import torch
 
-import distributed
 import download
-import iql
-import qdt
-import reinformer
-import tt
-from checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, check_same_data, claim_output,
-                        release_output, restore, resume_run, rng_state, save_checkpoint)
+from common import distributed
+from common.checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, check_same_data, claim_output,
+                               release_output, restore, resume_run, rng_state, save_checkpoint)
+from common.datafiles import DataError
+from common.device import bf16_pays, compile_mode, compiles, evaluates_in_bf16, resolve_device
+from common.graphsteps import GraphedSteps
+from common.rollout import rollout
+from common.runlog import Progress, data_line, end_line, mean_finite_loss, open_log
+from common.tasks import locomotion_task
+from common import train_flags
 from data import load_trajectories, sample_batch
-from datafiles import DataError
-from device import bf16_pays, compile_mode, compiles, evaluates_in_bf16, resolve_device
-from graphsteps import GraphedSteps
+from methods import iql, qdt, reinformer, tt
 from model import DTConfig, action_loss, configure_optimizer, get_lr
-from rollout import rollout
-from runlog import Progress, mean_finite_loss, open_log
-from tasks import locomotion_task
 
 DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
 
@@ -143,76 +141,8 @@ MODELS = {
                  config=lambda args, data: data.tt_config,
                  describe=tt.describe),
 }
-# The flags every model reads; the others belong to the models whose `settings` name them.
-COMMON = ("data", "env", "model", "epochs", "max_steps", "batch_size", "lr", "reward_mode", "top_pct",
-          "device", "no_amp", "compile", "graph_steps", "seed", "out", "overwrite", "log_every", "save_every",
-          "eval_every", "eval_episodes", "target", "resume")
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", help=f"HDF5 trajectories (default {DEFAULT_DATA}; a missing D4RL file "
-                                  f"data/NAME.hdf5 is downloaded)")
-    p.add_argument("--env", help="gymnasium env id (default: from the data file)")
-    p.add_argument("--model", default="dt", choices=list(MODELS),
-                   help="dt: Decision Transformer; reinformer: the max-return DT (predicts its own target); tt: Trajectory Transformer (plans with beam search); the "
-                        "baselines bc: behaviour cloning (state -> action), iql: Implicit Q-Learning")
-    p.add_argument("--epochs", type=float, default=120)
-    p.add_argument("--max-steps", type=int, help="train this many steps instead of --epochs")
-    p.add_argument("--batch-size", type=int, help="default 64; 256 for iql and tt")
-    p.add_argument("--lr", type=float, help="default 1e-3; 3e-4 for iql, 6e-4 for tt")
-    p.add_argument("--weight-decay", type=float, help="default 1e-4; 0 for iql, 0.1 for tt")
-    p.add_argument("--grad-clip", type=float, help="default 0.25; none for iql, 1 for tt")
-    p.add_argument("--context-len", type=int, default=DTConfig.context_len)
-    p.add_argument("--n-layer", type=int, help="default 3; 2 for iql, 4 for tt")
-    p.add_argument("--n-head", type=int, help="default 1; 4 for tt")
-    p.add_argument("--n-embd", type=int, help="default 128; 256 for iql")
-    p.add_argument("--dropout", type=float, help="default 0.1; 0 for iql")
-    p.add_argument("--expectile", type=float, help="iql: the expectile V is fitted to (default 0.7); reinformer: "
-                                                   "the expectile its predicted return is fitted to (default 0.99)")
-    p.add_argument("--return-weight", type=float, help="reinformer: weight of the return loss beside the action's "
-                                                       "(default 1)")
-    p.add_argument("--temperature", type=float, help="iql: beta in the actor's weights exp(beta (Q - V)) (default 3)")
-    p.add_argument("--discount", type=float, help="iql: gamma of the Bellman backups (default 0.99)")
-    p.add_argument("--tau", type=float, help="iql: Polyak rate of the target Q networks (default 0.005)")
-    p.add_argument("--gamma", type=float, default=1.0, help="discount for returns-to-go (1: the DT paper)")
-    p.add_argument("--relabel-returns", metavar="IQL_CKPT", help="dt: train on QDT's returns-to-go, relabelled "
-                   "with the V of an IQL checkpoint trained on the same data and rewards")
-    p.add_argument("--reward-mode", default="dense", choices=["dense", "delayed"],
-                   help="delayed: each episode's rewards all arrive at its last step (the sparse-reward test)")
-    p.add_argument("--top-pct", type=float, default=100.0, metavar="X",
-                   help="train only on the episodes whose return is in the top X%% (10 with --model bc: 10%% BC)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-amp", action="store_true",
-                   help="train in fp32 instead of bf16 autocast (CUDA, and CPUs with bf16 arithmetic)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
-                   help="torch.compile the training forward (default: on CUDA, off on a CPU)")
-    p.add_argument("--graph-steps", type=int, default=0, metavar="K",
-                   help="on one GPU, record K whole training steps (batch, forward, backward, update) as one "
-                        "CUDA graph and replay it (0: off; on a CPU the same steps run without a graph)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="ckpt.pt", help="checkpoint path; the CSV log goes beside it")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run's checkpoint at --out")
-    p.add_argument("--log-every", type=int, default=100)
-    p.add_argument("--save-every", type=int, default=1000, help="write the checkpoint every N steps")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate in the env every N steps (0: off)")
-    p.add_argument("--eval-episodes", type=int, default=5)
-    p.add_argument("--target", type=float, help="return asked for when evaluating (default: per env)")
-    p.add_argument("--resume", metavar="CKPT", help="continue the run saved in CKPT with its own settings")
-    args = p.parse_args(argv)
-    check_foreign_flags(p, args, argv)
-    for name, value in MODELS[args.model].defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    check_args(p, args)
-    if args.resume:
-        extra = flags_given(p, argv) - {"resume", "data"}
-        if extra:
-            p.error("--resume continues a run with the settings it was started with; only --data may "
-                    f"come with it, not {', '.join('--' + k.replace('_', '-') for k in sorted(extra))}")
-    if args.max_steps:
-        args.epochs = None  # the config line shows the budget that counts
-    return args
+    return train_flags.parse_args(argv, MODELS, __doc__, DEFAULT_DATA)
 
 
 def model_config(args, data):
@@ -294,7 +224,8 @@ def steps_before_looking_up(done, total_steps, args):
 def main(argv=None):
     args, saved = parse_args(argv), None
     if args.resume:
-        saved, args = resume_run(args, defaults=parse_args([]))
+        saved, settings = resume_run(args.resume, args.data, defaults=vars(parse_args([])))
+        args = argparse.Namespace(**settings)
     args.data = args.data or DEFAULT_DATA
     recipe = MODELS[args.model]
     rank, world, device = distributed.init(resolve_device(args.device))
@@ -307,12 +238,12 @@ def main(argv=None):
     lock = claim_output(args.out, resuming=saved is not None, overwrite=args.overwrite) if master else None
     log_file = None
     try:
-        say(f"config: {run_settings(args)}" + (f"; {world} processes" if world > 1 else ""))
+        say(f"config: {train_flags.run_settings(args, MODELS)}" + (f"; {world} processes" if world > 1 else ""))
         torch.manual_seed(args.seed)  # the same initial weights in every process
         with distributed.master_first(master):
             data, task = load_data(args)
         if saved:
-            check_same_data(saved, data, task.env_id, args)
+            check_same_data(saved, data, task.env_id, args.resume, args.data)
         data.to(device)  # the whole dataset lives on the training device; batches never cross the bus
         if recipe.prepare:
             recipe.prepare(data, args)
@@ -323,12 +254,14 @@ def main(argv=None):
         cfg = (recipe.config or model_config)(args, data)
         model, objective, optimizer = setup_training(cfg, args, device)
         gen = torch.Generator(device=device).manual_seed(args.seed + rank)  # each process its own batches
-        start_step, elapsed_before = restore(saved, model, optimizer, gen, args, rank) if saved else (0, 0.0)
+        start_step, elapsed_before = restore(saved, model, optimizer, gen, args.resume, args.seed, rank) if saved else (0, 0.0)
         run_info = {"format_version": FORMAT_VERSION, "model_config": asdict(cfg), "env_id": task.env_id,
                     "task": task.to_dict(),
                     **{k: v.cpu() if torch.is_tensor(v) else v for k, v in vars(data.norm).items()},
                     "train_args": vars(args), "total_steps": total_steps, "bf16": use_bf16(args, device)}
-        say(describe_data(args, data, task, device))
+        describe = recipe.describe or (lambda d: f"returns-to-go / {d.norm.reward_scale:g}")
+        say(data_line(args.data, data, task.env_id, device, use_bf16(args, device), describe(data), args.top_pct,
+                      args.reward_mode, args.relabel_returns))
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # not IQL's target networks
         say(f"model: {args.model}, {n_params / 1e6:.2f}M parameters; {total_steps} steps ({steps_per_epoch} per epoch)"
             + (f"; resuming at step {start_step}" if saved else ""))
@@ -371,7 +304,7 @@ def main(argv=None):
                     if evaluating:
                         t_eval = time.time()
                         returns = rollout(model, data.norm, task, target, args.eval_episodes, progress=False,
-                                          bf16=evaluates_in_bf16(run_info["bf16"], device))
+                                          bf16=evaluates_in_bf16(run_info["bf16"], device)).returns
                         model.train()
                         row[4:] = [f"{returns.mean():.1f}", f"{task.normalized_score(returns.mean()):.1f}"]
                         progress.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
@@ -393,8 +326,8 @@ def main(argv=None):
                     break
         progress.close()
         if master:
-            report_end(args, world, done, total_steps, saved_step, start_step, elapsed, elapsed_before,
-                       loss_avg, log_path)
+            print(end_line(args.out, world, done, total_steps, saved_step, (total_steps - start_step) / (
+                elapsed - elapsed_before) if done == total_steps else 0.0, elapsed, loss_avg, log_path))
     finally:
         if log_file:
             log_file.close()
@@ -402,21 +335,7 @@ def main(argv=None):
             release_output(lock)
 
 
-# --- what the loop needs, below it: arguments, data, the end of a run ----------------------------
-
-def run_settings(args):
-    """The settings this model reads, in the order they were parsed: what the config line shows."""
-    used = set(COMMON) | set(MODELS[args.model].settings)
-    return {k: v for k, v in vars(args).items() if k in used}
-
-
-def flags_given(parser, argv):
-    """The options written on the command line, as opposed to left at their defaults."""
-    unset = object()
-    # argparse fills in a default only where the namespace has no value yet.
-    blank = argparse.Namespace(**{k: unset for k in vars(parser.parse_args([]))})
-    return {k for k, v in vars(parser.parse_args(argv, blank)).items() if v is not unset}
-
+# --- what the loop needs, below it: the data ------------------------------------------------------
 
 def load_data(args):
     """(Trajectories, tasks.Task): the data, and where its policy is evaluated: --env, or what the
@@ -430,69 +349,6 @@ def load_data(args):
     if task is None:
         raise DataError(f"{path}: cannot tell which environment this data is from; pass --env")
     return data, task
-
-
-def describe_data(args, data, task, device):
-    kept = f" (the best {args.top_pct:g}% of {data.episodes_in_file})" if args.top_pct < 100 else ""
-    delayed = ", rewards delayed to each episode's end" if args.reward_mode == "delayed" else ""
-    if data.relabelled_goal:
-        x, y = data.relabelled_goal
-        delayed += f", rewards relabelled against the evaluation goal ({x:g}, {y:g}) as D4RL's maze2d"
-    if args.relabel_returns:
-        delayed += f", returns-to-go relabelled with the V of {args.relabel_returns} (QDT)"
-    describe = MODELS[args.model].describe
-    scale = describe(data) if describe else f"returns-to-go / {data.norm.reward_scale:g}"
-    precision = "bf16 autocast" if use_bf16(args, device) else "fp32"
-    return (f"data: {args.data}: {data.num_steps} steps in {len(data.episode_returns)} episodes{kept}, "
-            f"mean return {data.episode_returns.mean():.1f}{delayed}; {scale}; env {task.env_id}; "
-            f"device {device}, {precision}")
-
-
-def check_foreign_flags(p, args, argv):
-    """A flag that only other models read (--expectile with the DT) is a mistake, not a no-op."""
-    own, written = set(COMMON) | set(MODELS[args.model].settings), flags_given(p, argv)
-    for name in sorted(written - own):
-        owners = [model for model, recipe in MODELS.items() if name in recipe.settings]
-        if owners:
-            p.error(f"--{name.replace('_', '-')}: for --model {' or '.join(owners)} only")
-
-
-def check_args(p, args):
-    """Every number a run is given must make sense before anything is loaded or overwritten."""
-    for flag, value, low in (("--max-steps", args.max_steps, 1), ("--batch-size", args.batch_size, 1),
-                             ("--context-len", args.context_len, 1), ("--n-layer", args.n_layer, 1),
-                             ("--n-head", args.n_head, 1), ("--n-embd", args.n_embd, 1),
-                             ("--log-every", args.log_every, 1), ("--save-every", args.save_every, 1),
-                             ("--eval-every", args.eval_every, 0),
-                             ("--graph-steps", args.graph_steps, 0), ("--eval-episodes", args.eval_episodes, 1)):
-        if value is not None and value < low:
-            p.error(f"{flag} must be at least {low}, not {value}")
-    if not args.epochs > 0:
-        p.error(f"--epochs must be above 0, not {args.epochs:g}")
-    if not args.lr > 0:
-        p.error(f"--lr must be above 0, not {args.lr:g}")
-    if not 0 <= args.dropout < 1:
-        p.error(f"--dropout must be at least 0 and below 1, not {args.dropout:g}")
-    problem = MODELS[args.model].check(args) if MODELS[args.model].check else None
-    if problem:
-        p.error(problem)
-    if args.n_embd % args.n_head:
-        p.error(f"--n-embd ({args.n_embd}) must be a multiple of --n-head ({args.n_head})")
-    if not 0 < args.top_pct <= 100:
-        p.error("--top-pct must be above 0 and at most 100")
-    if args.relabel_returns and args.gamma != 1:
-        p.error("--relabel-returns: QDT relabels undiscounted returns-to-go; leave --gamma at 1")
-
-
-def report_end(args, world, done, total_steps, saved_step, start_step, elapsed, elapsed_before, loss, log_path):
-    if done < total_steps:
-        launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
-        print(f"interrupted: step {saved_step} of {total_steps} saved in {args.out}; "
-              f"continue with: {launcher} train.py --resume {args.out}")
-        return
-    rate = (total_steps - start_step) / (elapsed - elapsed_before)
-    print(f"done: {total_steps} steps in {elapsed:.0f}s ({rate:.1f} steps/s), final loss {loss:.4f}, "
-          f"checkpoint {args.out}, log {log_path}")
 
 
 if __name__ == "__main__":

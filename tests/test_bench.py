@@ -5,7 +5,7 @@ import pytest
 
 import bench
 
-from conftest import TINY, needs_compiler
+from tests.helpers import TINY, needs_compiler
 
 
 def test_bench_runs_and_reports_every_figure(capsys):

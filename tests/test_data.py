@@ -6,7 +6,7 @@ import torch
 
 from data import delay_rewards, episode_ends, load_trajectories
 
-from conftest import S, write_d4rl
+from tests.helpers import S, write_d4rl
 
 
 def test_episodes_split_on_terminals_and_timeouts_and_keep_a_partial_tail(tmp_path):

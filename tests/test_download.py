@@ -10,7 +10,7 @@ import pytest
 import download
 from data import load_trajectories
 
-from conftest import assert_one_line_error, run_cli, write_d4rl
+from tests.helpers import assert_one_line_error, run_cli, write_d4rl
 
 
 class FlakyHandler(http.server.BaseHTTPRequestHandler):

@@ -12,16 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-import checkpoint
-import device
+from common import checkpoint
+from common import device
 import evaluate
-import rollout
-import tasks
+from common import rollout
+from common.acting import WindowPolicy
+from common import tasks
 import train
-import vecenv
-from tasks import locomotion_task
+from common import vecenv
+from common.tasks import locomotion_task
 
-from conftest import HERE, HOPPER, TINY, assert_one_line_error, needs_compiler, run_cli, write_d4rl
+from tests.helpers import ROOT, HOPPER, TINY, assert_one_line_error, needs_compiler, run_cli, write_d4rl
 
 
 def untrained_hopper(tmp_path):
@@ -38,20 +39,21 @@ def test_finished_episodes_stop_counting_while_the_others_run_on(tmp_path):
     """An untrained Hopper falls within a few dozen steps, each episode at its own time: returns
     from the batched rollout must equal those of each episode run alone."""
     model, norm = untrained_hopper(tmp_path)
-    together = rollout.rollout(model, norm, HOPPER, 3600, 4, seed=0, progress=False)
-    alone = [rollout.rollout(model, norm, HOPPER, 3600, 1, seed=i, progress=False)[0] for i in range(4)]
+    together = rollout.rollout(model, norm, HOPPER, 3600, 4, seed=0, progress=False).returns
+    alone = [rollout.rollout(model, norm, HOPPER, 3600, 1, seed=i, progress=False).returns[0] for i in range(4)]
     np.testing.assert_allclose(together, alone, rtol=1e-4)
     assert len(set(np.round(together, 3))) == 4
 
 
-def test_evaluate_counts_the_steps_without_keeping_the_observations(tmp_path):
-    """evaluate.py's speed figures divide by the steps taken: its StepCounter, as rollout's
-    `record`, counts what a list would hold, less the reset, and keeps nothing."""
+def test_rollout_counts_each_episodes_steps_and_keeps_observations_only_when_asked(tmp_path):
+    """The lengths are the steps each episode ran before it ended (an untrained Hopper falls
+    early, each at its own step); a `record` list gets the reset's and every step's observations,
+    as many rows as the longest episode ran, plus one."""
     model, norm = untrained_hopper(tmp_path)
-    kept, counted = [], evaluate.StepCounter()
-    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, record=kept)
-    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, record=counted)
-    assert counted.taken == len(kept) - 1 > 0 and vars(counted) == {"taken": counted.taken}
+    kept = []
+    returns, lengths, policy = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, record=kept)
+    assert lengths.dtype == np.int64 and (lengths > 0).all() and (lengths < 1000).all()
+    assert len(kept) == lengths.max() + 1 and kept[0].shape == (3, 11) and policy == "target 3600"
 
 
 def test_the_policy_sees_the_same_shapes_at_every_step(tmp_path, monkeypatch):
@@ -62,7 +64,7 @@ def test_the_policy_sees_the_same_shapes_at_every_step(tmp_path, monkeypatch):
     # The window's buffers are updated in place, so each call's inputs are copied as they were.
     monkeypatch.setattr(model, "get_action", lambda *a: (calls.append([x if x is None else x.clone() for x in a]),
                                                          get_action(*a))[1])
-    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False)
+    rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False).returns
     K = model.cfg.context_len
     assert len(calls) > K  # the episodes outlive the padded start
     assert {tuple(x.shape for x in c[:4]) for c in calls} == {((3, K, 11), (3, K, 3), (3, K, 1), (3, K))}
@@ -82,9 +84,9 @@ def test_a_compiled_rollout_acts_as_the_eager_one(tmp_path):
     compiled and eager kernels can grow, as they do over a 1000-step HalfCheetah episode.)"""
     model, norm = untrained_hopper(tmp_path)
     torch._dynamo.reset()
-    eager = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=False)
+    eager = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=False).returns
     torch._dynamo.utils.counters.clear()
-    compiled = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=True)
+    compiled = rollout.rollout(model, norm, HOPPER, 3600, 3, progress=False, compile=True).returns
     np.testing.assert_allclose(compiled, eager, rtol=1e-4)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
@@ -105,7 +107,7 @@ def test_evaluation_runs_in_the_precision_the_model_trained_in(tmp_path, monkeyp
 
     model, norm, _ = checkpoint.load_checkpoint(out)
     states = torch.randn(2, 11, generator=torch.Generator().manual_seed(0))
-    actions = {bf16: rollout.WindowPolicy(model, norm, 3600.0, 2, torch.device("cpu"), False, bf16).act(
+    actions = {bf16: WindowPolicy(model, norm, 3600.0, 2, torch.device("cpu"), bf16=bf16).act(
         states, np.zeros(2), 0) for bf16 in (False, True)}
     assert actions[True].dtype == torch.float32
     assert not torch.equal(actions[True], actions[False])  # it did run in bf16
@@ -142,8 +144,8 @@ def test_sharded_envs_step_exactly_as_one_process():
 
 def test_a_rollout_with_env_workers_returns_what_one_process_does(tmp_path):
     model, norm = untrained_hopper(tmp_path)
-    alone = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False)
-    sharded = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, env_workers=2)
+    alone = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False).returns
+    sharded = rollout.rollout(model, norm, HOPPER, 3600, 3, seed=0, progress=False, env_workers=2).returns
     np.testing.assert_array_equal(alone, sharded)
 
 
@@ -160,8 +162,8 @@ def test_a_pipelined_rollout_returns_what_one_process_does(tmp_path):
     envs.close()
     one_vector_env.close()
     model, norm = untrained_hopper(tmp_path)
-    alone = rollout.rollout(model, norm, HOPPER, 3600, n, seed=0, progress=False)
-    pipelined = rollout.rollout(model, norm, HOPPER, 3600, n, seed=0, progress=False, env_workers=3)
+    alone = rollout.rollout(model, norm, HOPPER, 3600, n, seed=0, progress=False).returns
+    pipelined = rollout.rollout(model, norm, HOPPER, 3600, n, seed=0, progress=False, env_workers=3).returns
     np.testing.assert_array_equal(alone, pipelined)
     assert len(set(np.round(alone, 3))) > n // 2  # each episode its own
 
@@ -183,7 +185,7 @@ def test_ctrl_c_during_an_evaluation_with_env_workers_ends_in_one_line(trained, 
     err = tmp_path / "stderr"
     with open(err, "w") as stderr:
         proc = subprocess.Popen([sys.executable, "evaluate.py", str(trained), "--episodes", "100", "--env-workers", "2"],
-                                cwd=HERE, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 90
     while "target" not in err.read_text():  # the progress bar: the workers are stepping

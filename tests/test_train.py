@@ -9,17 +9,17 @@ import time
 import pytest
 import torch
 
-import checkpoint
-import device
+from common import checkpoint
+from common import device
 import evaluate
-import tasks
+from common import tasks
 import train
-from checkpoint import CheckpointError, RunError
+from common.checkpoint import CheckpointError, RunError
 from data import load_trajectories, sample_batch
-from bc import BehaviourCloning
+from methods.bc import BehaviourCloning
 from model import DecisionTransformer
 
-from conftest import (HERE, TINY, assert_one_line_error, assert_usage_error, edited_checkpoint,
+from tests.helpers import (ROOT, TINY, assert_one_line_error, assert_usage_error, edited_checkpoint,
                       needs_compiler, random_window, run_cli, write_d4rl)
 
 
@@ -236,7 +236,7 @@ def test_ctrl_c_or_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, sig):
     out = tmp_path / "run.pt"
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(data), "--max-steps", "100000",
                              "--log-every", "1", *TINY, "--out", str(out)],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log, deadline = out.with_suffix(".csv"), time.time() + 90
     while not (log.exists() and len(log.read_text().splitlines()) >= 4):  # a few steps in
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()

@@ -5,15 +5,15 @@ which a learned value replaces the episode's own return wherever the value is hi
 
 A DT's return-to-go is what *this* episode went on to collect, so a step on a route that could
 have joined a better one is labelled with the worse ending. A value function learned by Bellman
-backups carries the better ending's value across episodes; data.relabelled_returns_to_go puts it
+backups carries the better ending's value across episodes; relabelled_returns_to_go puts it
 into the labels, R_t = max(V(s_t), r_t + R_{t+1}), and the DT is trained as before. Here the value
 is IQL's V (iql.py), trained on the same file with the same rewards.
 """
+import numpy as np
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint
-from data import relabelled_returns_to_go
-from iql import iql_reward_scale
+from common.checkpoint import CheckpointError, load_checkpoint
+from methods.iql import iql_reward_scale
 
 
 def relabel(data, ckpt_path, reward_mode):
@@ -38,3 +38,19 @@ def relabel(data, ckpt_path, reward_mode):
     data.returns_to_go = torch.as_tensor(rtg / data.norm.reward_scale, dtype=torch.float32)
     return values
 
+
+def relabelled_returns_to_go(rewards, ends, values):
+    """QDT's returns-to-go (Yamagata et al. 2023): backwards through each episode,
+    R_t = max(V(s_t), r_t + R_{t+1}), restarting at every episode end. Where a learned value
+    says more can be collected from s_t than this episode went on to collect, the label takes
+    the value, and the steps before it inherit it: a route that joins a better one carries that
+    one's return back into its own episode, which an episode's own return-to-go cannot."""
+    rewards, ends, values = (np.asarray(a, np.float64).tolist() for a in (rewards, ends, values))
+    out = [0.0] * len(rewards)
+    running = 0.0
+    for i in range(len(rewards) - 1, -1, -1):
+        if ends[i]:
+            running = 0.0
+        running = max(values[i], rewards[i] + running)
+        out[i] = running
+    return np.array(out)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tt import Discretizer
+from methods.tt import Discretizer
 
 
 @dataclass
@@ -144,6 +144,14 @@ def plan(model, disc, prefix, settings, generator=None):
     return search.seq[best_rows, start:start + A], rewards[best_rows]
 
 
+def planning_policy(model, norm, target, episodes, device, *, compile=False, bf16=False, planning=None):
+    """checkpoint.MODEL_KINDS' policy for a TT: a Planner with `planning`'s settings, a PlanSettings
+    or a dict of beam_width and horizon (the paper's where None). It asks for no target, and plans
+    in fp32: beams are ranked by sums of predicted rewards and values."""
+    settings = planning if isinstance(planning, PlanSettings) else PlanSettings.given(**(planning or {}))
+    return Planner(model, norm, episodes, settings, device)
+
+
 class Planner:
     """rollout.py's policy for a TT checkpoint: every step, one plan per episode from its last
     `settings.context` real transitions (tokens of state, action, reward, and a placeholder V,
@@ -174,3 +182,6 @@ class Planner:
         step = torch.cat((self.states, self.actions, r, placeholder), dim=1)
         D = self.model.cfg.transition_dim
         self.history = torch.cat((self.history, step), dim=1)[:, -self.settings.context * D:]
+
+    def describe(self):
+        return f"planning, beam {self.settings.beam_width}, horizon {self.settings.horizon}"

@@ -7,7 +7,7 @@ import shutil
 
 import torch
 
-from checkpoint import RunError
+from common.checkpoint import RunError
 
 
 def resolve_device(requested):

@@ -4,13 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoint
+from common import checkpoint
 import train
-from checkpoint import RunError
+from common.checkpoint import RunError
 from model import DecisionTransformer, DTConfig
-from tasks import locomotion_task
+from common.tasks import locomotion_task
 
-from conftest import S, TINY, assert_one_line_error, edited_checkpoint, random_window, run_cli, write_d4rl
+from tests.helpers import S, TINY, assert_one_line_error, edited_checkpoint, random_window, run_cli, write_d4rl
 
 
 def test_checkpoint_round_trip(trained):

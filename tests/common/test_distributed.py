@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from conftest import HERE, TINY, write_d4rl
+from tests.helpers import ROOT, TINY, write_d4rl
 
 
 @pytest.mark.parametrize("model", ["dt", "iql"])
@@ -21,7 +21,7 @@ def test_torchrun_trains_data_parallel_on_two_cpu_processes(tmp_path, model):
         launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
         proc = subprocess.run([*(launch if world == 2 else [sys.executable]), "train.py", "--data", str(data),
                                "--epochs", "2", "--log-every", "2", *size, "--out", str(out)],
-                              cwd=HERE, capture_output=True, text=True, timeout=180)
+                              cwd=ROOT, capture_output=True, text=True, timeout=180)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
         runs[world] = proc.stdout, torch.load(out, weights_only=True)
     assert f"{steps[0]} steps ({steps[0] // 2} per epoch)" in runs[1][0]

@@ -17,9 +17,9 @@ import gymnasium as gym
 import numpy as np
 import torch
 
-from checkpoint import load_checkpoint
-from plan import Planner, PlanSettings, plan_value
-from tasks import task_from_checkpoint
+from common.checkpoint import load_checkpoint
+from methods.plan import Planner, PlanSettings, plan_value
+from common.tasks import task_from_checkpoint
 
 
 def main():

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-import experiment
-from tasks import locomotion_task
+from study import experiment
+from common.tasks import locomotion_task
 
 
 def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys):
@@ -46,7 +46,7 @@ def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys
 
 
 def test_an_experiment_run_stopped_part_way_is_not_scored(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiment, "HERE", tmp_path)
+    monkeypatch.setattr(experiment, "ROOT", tmp_path)
     monkeypatch.setattr(experiment, "RESULTS", tmp_path / "results")
 
     def train_stopped_by_sigterm(cmd, **kwargs):  # train.py saved step 40 of 100 and exited cleanly

@@ -25,6 +25,7 @@ about the return token alone).
 import torch
 import torch.nn as nn
 
+from common.acting import WindowPolicy
 from model import DecisionTransformer, action_loss, padded_causal_mask
 
 EXPECTILE = 0.99    # the paper's: R̂ near the top of the returns the data reaches from a state
@@ -110,6 +111,22 @@ class Objective(nn.Module):
             pred_returns, pred_actions = self.model(states, actions, returns_to_go, timesteps, mask)
         return (action_loss(pred_actions.float(), actions, mask)
                 + self.return_weight * return_loss(pred_returns.float(), returns_to_go[..., 0], mask, self.expectile))
+
+
+class MaxReturnPolicy(WindowPolicy):
+    """How Reinformer acts: no target; every step it predicts the return R̂ from the new state,
+    writes it where the DT would have the return-to-go, and takes the action read off it."""
+
+    def act(self, states, returns, t):
+        window = self.advance(states, t)
+        with self.amp:
+            self.rtg[:, -1, 0] = self.model.get_return(*window).float()
+            action = self.model.get_action(*window).float()
+        self.actions[:, -1] = action
+        return action
+
+    def describe(self):
+        return "max return, predicted"
 
 
 def check(expectile, return_weight):

@@ -15,7 +15,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tasks import GOAL_RADIUS, maze_goal
+from common.tasks import GOAL_RADIUS, maze_goal
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals", "timeouts")
 

@@ -7,7 +7,6 @@ torch.load(weights_only=True) and a file from a stranger cannot run code. It is 
 temporary file and renamed, so the file on disk is the last complete save, never half of one,
 and a run that is asked to stop (Ctrl-C, SIGTERM) saves before it exits: StopOnSignal.
 """
-import argparse
 import fcntl
 import os
 import pickle
@@ -15,32 +14,43 @@ import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from bc import BehaviourCloning
+from common.acting import WindowPolicy
 from data import Normalization
-from iql import IQL
+from methods.bc import BehaviourCloning
+from methods.iql import IQL
+from methods.plan import planning_policy
+from methods.reinformer import MaxReturnPolicy, Reinformer
+from methods.tt import TrajectoryTransformer, TTConfig
 from model import DecisionTransformer, DTConfig
-from reinformer import Reinformer
-from tt import TrajectoryTransformer, TTConfig
 
 FORMAT_VERSION = 1
 CHECKPOINT_KEYS = ("model", "model_config", "state_mean", "state_std", "reward_scale", "env_id")
 
 
-# Every model a checkpoint can hold, by the `kind` its config records: its config class and module.
-MODEL_KINDS = {"dt": (DTConfig, DecisionTransformer), "bc": (DTConfig, BehaviourCloning), "iql": (DTConfig, IQL),
-               "reinformer": (DTConfig, Reinformer),
-               "tt": (TTConfig, TrajectoryTransformer)}
+class Kind(NamedTuple):
+    config: type   # its config dataclass
+    model: type    # its nn.Module
+    policy: type   # how it acts in a rollout (acting.py)
+
+
+# Every model a checkpoint can hold, by the `kind` its config records.
+MODEL_KINDS = {"dt": Kind(DTConfig, DecisionTransformer, WindowPolicy),
+               "bc": Kind(DTConfig, BehaviourCloning, WindowPolicy),
+               "iql": Kind(DTConfig, IQL, WindowPolicy),
+               "reinformer": Kind(DTConfig, Reinformer, MaxReturnPolicy),
+               "tt": Kind(TTConfig, TrajectoryTransformer, planning_policy)}
 
 
 def build_model(config):
     """A model from its config: a config dataclass, or the dict of one that a checkpoint stores."""
     if isinstance(config, dict):
-        config = MODEL_KINDS[config.get("kind", "dt")][0](**config)
-    return MODEL_KINDS[config.kind][1](config)
+        config = MODEL_KINDS[config.get("kind", "dt")].config(**config)
+    return MODEL_KINDS[config.kind].model(config)
 
 
 class RunError(Exception):
@@ -139,38 +149,40 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-def resume_run(args, defaults):
-    """(saved checkpoint, the run's own arguments) for train.py --resume, which goes on in the same
-    file; `defaults` fill in settings that older checkpoints did not record."""
-    saved = read_checkpoint(args.resume)
+def resume_run(path, data_path, defaults):
+    """(saved checkpoint, the run's own settings as a dict) for train.py --resume, which goes on in
+    the same file; `defaults` (a dict) fill in settings that older checkpoints did not record, and
+    `data_path`, where given, says where the data now is."""
+    saved = read_checkpoint(path)
     if not all(k in saved for k in ("optimizer", "rng", "train_args", "step", "elapsed_s")):
-        raise CheckpointError(f"{args.resume}: holds no training state to resume from (only a model)")
-    run_args = {**vars(defaults), **saved["train_args"]}
-    if not args.data and not Path(run_args["data"]).exists():
-        raise CheckpointError(f"{args.resume}: the run's data {run_args['data']} is not there (a path "
+        raise CheckpointError(f"{path}: holds no training state to resume from (only a model)")
+    settings = {**defaults, **saved["train_args"]}
+    if not data_path and not Path(settings["data"]).exists():
+        raise CheckpointError(f"{path}: the run's data {settings['data']} is not there (a path "
                               f"relative to where it started?); say where it is with --data PATH")
-    run_args.update(resume=args.resume, out=args.resume, data=args.data or run_args["data"])
-    return saved, argparse.Namespace(**run_args)
+    settings.update(resume=path, out=path, data=data_path or settings["data"])
+    return saved, settings
 
 
-def check_same_data(saved, data, env_id, args):
+def check_same_data(saved, data, env_id, path, data_path):
+    """A resumed run must go on with the data its checkpoint was trained on."""
     if env_id != saved["env_id"] or not (torch.equal(data.norm.state_mean, saved["state_mean"].cpu())
                                          and torch.equal(data.norm.state_std, saved["state_std"].cpu())):
-        raise CheckpointError(f"{args.resume} was trained on other data than {args.data} "
+        raise CheckpointError(f"{path} was trained on other data than {data_path} "
                               f"({saved['env_id']}, different observation statistics); cannot resume")
 
 
-def restore(saved, model, optimizer, gen, args, rank):
+def restore(saved, model, optimizer, gen, path, seed, rank):
     """Put a checkpoint's training state back; returns (step, training seconds so far)."""
     try:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"], gen)
     except (KeyError, ValueError, RuntimeError):
-        raise CheckpointError(f"{args.resume}: damaged training state (its weights, optimizer or random "
+        raise CheckpointError(f"{path}: damaged training state (its weights, optimizer or random "
                               f"state do not fit this run)") from None
     if rank > 0:  # the checkpoint holds process 0's sampler state; the others draw afresh
-        gen.manual_seed(int(np.random.SeedSequence((args.seed, rank, saved["step"])).generate_state(1)[0]))
+        gen.manual_seed(int(np.random.SeedSequence((seed, rank, saved["step"])).generate_state(1)[0]))
     return saved["step"], saved["elapsed_s"]
 
 

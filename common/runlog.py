@@ -11,7 +11,7 @@ import time
 
 from tqdm import tqdm
 
-from checkpoint import RunError
+from common.checkpoint import RunError
 
 LOG_COLUMNS = ["step", "loss", "lr", "elapsed_s", "eval_return", "eval_score"]
 
@@ -79,3 +79,27 @@ def format_duration(seconds):
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def end_line(out, world, done, total_steps, saved_step, rate, elapsed, loss, log_path):
+    """train.py's last line: how an interrupted run goes on, or what a finished one took."""
+    if done < total_steps:
+        launcher = f"torchrun --nproc_per_node {world}" if world > 1 else "python"
+        return (f"interrupted: step {saved_step} of {total_steps} saved in {out}; "
+                f"continue with: {launcher} train.py --resume {out}")
+    return (f"done: {total_steps} steps in {elapsed:.0f}s ({rate:.1f} steps/s), final loss {loss:.4f}, "
+            f"checkpoint {out}, log {log_path}")
+
+
+def data_line(path, data, env_id, device, bf16, scale, top_pct, reward_mode, relabelled_with):
+    """train.py's data: line: what it trains on, how it sees the rewards (`scale`), where it runs."""
+    kept = f" (the best {top_pct:g}% of {data.episodes_in_file})" if top_pct < 100 else ""
+    notes = ", rewards delayed to each episode's end" if reward_mode == "delayed" else ""
+    if data.relabelled_goal:
+        x, y = data.relabelled_goal
+        notes += f", rewards relabelled against the evaluation goal ({x:g}, {y:g}) as D4RL's maze2d"
+    if relabelled_with:
+        notes += f", returns-to-go relabelled with the V of {relabelled_with} (QDT)"
+    return (f"data: {path}: {data.num_steps} steps in {len(data.episode_returns)} episodes{kept}, "
+            f"mean return {data.episode_returns.mean():.1f}{notes}; {scale}; env {env_id}; "
+            f"device {device}, {'bf16 autocast' if bf16 else 'fp32'}")

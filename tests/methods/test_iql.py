@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import evaluate
-import iql
-import plot
+from methods import iql
+from study import plot
 import train
 from data import load_trajectories
 from model import DTConfig
 
-from conftest import A, S, assert_usage_error, run_cli, write_d4rl
+from tests.helpers import A, S, assert_usage_error, run_cli, write_d4rl
 
 
 def test_expectile_loss_weighs_q_above_v_by_the_expectile():

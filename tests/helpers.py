@@ -1,6 +1,7 @@
 """Shared by every test file: synthetic D4RL and Minari files, a tiny DT, the CLI harness and its
 one-line-error checks, and a tiny model trained by train.py itself."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -13,12 +14,12 @@ import pytest
 import torch
 
 import train
-from datafiles import MINARI_KEYS, REQUIRED_KEYS
+from common.datafiles import MINARI_KEYS, REQUIRED_KEYS
 from model import DecisionTransformer, DTConfig
-from tasks import locomotion_task
+from common.tasks import locomotion_task
 
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the repository, where the scripts are
 S, A = 17, 6  # HalfCheetah's sizes, so synthetic checkpoints can be rolled out in HalfCheetah-v5
 HOPPER = locomotion_task("Hopper-v5")
 TINY = ["--batch-size", "8", "--context-len", "4", "--n-layer", "1", "--n-embd", "16"]
@@ -84,10 +85,12 @@ def random_window(B, K, seed=0):
 def run_cli(script, *args):
     """Run one of the project's scripts as a user would, from an empty working directory, so that a
     ckpt.pt or data/ folder a user has in the repository cannot change its outcome (train.py's
-    default --out is ./ckpt.pt) and a test writes nothing there."""
+    default --out is ./ckpt.pt) and a test writes nothing there. A script at the top is named by
+    its file ("train.py"), one in a folder by its module ("study.mazes", run with python -m)."""
+    command = [str(ROOT / script)] if script.endswith(".py") else ["-m", script]
     with tempfile.TemporaryDirectory() as cwd:
-        return subprocess.run([sys.executable, str(HERE / script), *args], cwd=cwd, capture_output=True,
-                              text=True, timeout=120)
+        return subprocess.run([sys.executable, *command, *args], cwd=cwd, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
 
 
 def assert_one_line_error(proc, *words):

@@ -29,14 +29,14 @@ import h5py
 import numpy as np
 import torch
 
-import plot
-import stats
-from checkpoint import atomic_write
+from study import plot
+from study import stats
+from common.checkpoint import atomic_write
 from data import episode_ends, episode_totals
-from tasks import locomotion_task
+from common.tasks import locomotion_task
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py, evaluate.py, runs/, results/
+RESULTS = ROOT / "results"
 STUDIES = {
     "medium-expert": {"halfcheetah": "halfcheetah-medium-expert-600ep.hdf5", "hopper": "hopper-medium-expert.hdf5",
                       "walker2d": "walker2d-medium-expert.hdf5"},
@@ -63,6 +63,12 @@ METHODS = {
     "dt-120ep": ["--epochs", "120", "--eval-every", "4000"],
     # The max-return DT on the DT's budget and architecture, the paper's expectile and loss weight.
     "reinformer": ["--model", "reinformer", "--epochs", "20", "--eval-every", "2000"],
+    # The QDT relabelling: the DT's run on returns-to-go relabelled with the V of an IQL run of the
+    # same seed (run() adds --relabel-returns). That IQL trains 100,000 steps: on the U-maze IQL's
+    # score is on its plateau from 50,000 steps on (its 1M-step curve, results/runs/), and the
+    # relabelling reads only V, which does not follow the actor's schedule.
+    "qdt": ["--epochs", "20", "--eval-every", "2000"],
+    "iql-100k": ["--model", "iql", "--max-steps", "100000", "--eval-every", "20000", "--log-every", "1000"],
     # The Trajectory Transformer: batch 64 (the paper's 256 is four times the work of a CPU step),
     # no evaluation during training (planning costs seconds a step on a CPU). The first run's loss
     # (Hopper) fell by 1% over the last 2,000 of its 10,000 steps: what two CPU cores allow.
@@ -119,6 +125,11 @@ def plan():
     stitchers += [(f"{body}-reinformer-{mode}-s{seed}", body, "reinformer", mode, seed) for seed in (0, 1, 2)
                   for body in STUDIES["medium-expert"] for mode in ("dense", "delayed")
                   if not (mode == "delayed" and seed == 2)]
+    # QDT on the U-maze and the medium maze, each run after the IQL whose V it is relabelled with.
+    for seed in (0, 1, 2):
+        for maze in ("maze2d-umaze", "maze2d-medium"):
+            stitchers += [(f"{maze}-iql-100k-s{seed}", maze, "iql-100k", "dense", seed),
+                          (f"{maze}-qdt-s{seed}", maze, "qdt", "dense", seed)]
     return budget_checks + runs + mazes + planners + stitchers
 
 
@@ -137,7 +148,7 @@ def maze_targets(path):
 
 
 def run(name, task, method, mode, seed, data_dir):
-    ckpt, out_json = HERE / "runs" / f"{name}.pt", RESULTS / "runs" / f"{name}.json"
+    ckpt, out_json = ROOT / "runs" / f"{name}.pt", RESULTS / "runs" / f"{name}.json"
     if out_json.exists():
         return
     ckpt.parent.mkdir(exist_ok=True)
@@ -148,10 +159,12 @@ def run(name, task, method, mode, seed, data_dir):
         train = ["--resume", str(ckpt), "--data", str(data)]
     else:
         train = ["--data", str(data), *METHODS[method], "--reward-mode", mode, "--seed", str(seed), "--out", str(ckpt)]
+        if method == "qdt":
+            train += ["--relabel-returns", str(ROOT / "runs" / f"{task}-iql-100k-s{seed}.pt")]
         if maze:  # 10 episodes a point of the learning curve, not 5: a maze's returns vary more
             train += ["--eval-episodes", "10"]
     print(f"== {name}: python train.py {' '.join(train)}", flush=True)
-    subprocess.run([sys.executable, "train.py", *train], cwd=HERE, check=True)
+    subprocess.run([sys.executable, "train.py", *train], cwd=ROOT, check=True)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)
     if saved["step"] < saved["total_steps"]:  # train.py was stopped (Ctrl-C, SIGTERM) and saved
         sys.exit(f"== {name}: stopped at step {saved['step']} of {saved['total_steps']}; "
@@ -160,7 +173,7 @@ def run(name, task, method, mode, seed, data_dir):
     if method in EPISODES_TOGETHER:
         result = evaluate_in_parts(ckpt, episodes, EPISODES_TOGETHER[method], EVALUATION[method])
     else:
-        targets = maze_targets(data) if maze and method.startswith("dt") else {}
+        targets = maze_targets(data) if maze and (method.startswith("dt") or method == "qdt") else {}
         sweep = evaluate(ckpt, ["--episodes", str(episodes), *(["--target", *map(str, targets.values())]
                                                                 if targets else [])])
         result = sweep[list(targets).index(MAZE_DT_TARGET)] if targets else sweep[0]
@@ -177,7 +190,7 @@ def run(name, task, method, mode, seed, data_dir):
 def evaluate(ckpt, flags):
     """evaluate.py on a checkpoint -> its JSON result for each target it was asked."""
     out = subprocess.run([sys.executable, "evaluate.py", str(ckpt), "--json", *flags],
-                         cwd=HERE, check=True, capture_output=True, text=True).stdout
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
     return [json.loads(line) for line in out.splitlines()]
 
 

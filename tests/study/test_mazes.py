@@ -10,18 +10,18 @@ import pytest
 import torch
 
 import evaluate
-import mazes
-import rollout
-import stats
-import tasks
+from study import mazes
+from common import rollout
+from study import stats
+from common import tasks
 import train
-from checkpoint import load_checkpoint
+from common.checkpoint import load_checkpoint
 from data import load_trajectories
-from datafiles import DataError
+from common.datafiles import DataError
 from model import DecisionTransformer, DTConfig
-from plan import PlanSettings
+from methods.plan import PlanSettings
 
-from conftest import assert_one_line_error, assert_usage_error, mutated_copies, run_cli
+from tests.helpers import assert_one_line_error, assert_usage_error, mutated_copies, run_cli
 
 pytest.importorskip("gymnasium_robotics", reason="the mazes need the optional package gymnasium-robotics")
 
@@ -60,7 +60,7 @@ def test_the_evaluation_comes_from_the_file_and_the_policy_sees_the_observation_
     assert data.norm.reward_scale == 100.0
     model = DecisionTransformer(DTConfig(state_dim=4, act_dim=2, context_len=4, n_layer=1, n_embd=16)).eval()
     seen = []
-    returns = rollout.rollout(model, data.norm, task, 50.0, 3, progress=False, record=seen)
+    returns = rollout.rollout(model, data.norm, task, 50.0, 3, progress=False, record=seen).returns
     # The file's horizon, not the env's registered one (300), and (x, y, vx, vy) of each episode.
     assert len(seen) == 25 + 1 and all(o.shape == (3, 4) for o in seen)
     assert returns.shape == (3,) and (returns >= 0).all()
@@ -103,13 +103,13 @@ def test_the_maze_pictures_are_drawn(tmp_path):
     mazes.main(["paths", dt, iql, tt, "--episodes", "2", "--beam-width", "2", "--horizon", "1",
                 "--out", str(tmp_path / "p.png")])
     assert mazes.episode_paths(tt, 1, planning=PlanSettings(beam_width=2, horizon=1))[3] == "TT, beam 2, horizon 1"
-    assert_usage_error(run_cli("mazes.py", "paths", tt, "--beam-width", "0", "--out", str(tmp_path / "x.png")),
+    assert_usage_error(run_cli("study.mazes", "paths", tt, "--beam-width", "0", "--out", str(tmp_path / "x.png")),
                        "--beam-width must be at least 1")
     mazes.main(["values", iql, "--data", str(data), "--out", str(tmp_path / "v.png")])
     mazes.main(["targets", dt, "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "t.png")])
     for name in ("p", "v", "t"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert_one_line_error(run_cli("mazes.py", "values", dt, "--data", str(data), "--out", str(tmp_path / "x.png")),
+    assert_one_line_error(run_cli("study.mazes", "values", dt, "--data", str(data), "--out", str(tmp_path / "x.png")),
                           "has no value function")
 
 

@@ -5,14 +5,14 @@ import json
 import numpy as np
 import torch
 
-import device
+from common import device
 import evaluate
-import plan
+from methods import plan
 import train
-import tt
-from checkpoint import load_checkpoint
+from methods import tt
+from common.checkpoint import load_checkpoint
 
-from conftest import assert_one_line_error, assert_usage_error, run_cli, write_d4rl
+from tests.helpers import assert_one_line_error, assert_usage_error, run_cli, write_d4rl
 
 SMALL = tt.TTConfig(state_dim=3, act_dim=2, n_bins=10, n_transitions=4, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 

@@ -10,9 +10,9 @@ import torch
 import download
 import train
 from data import load_trajectories
-from datafiles import REQUIRED_KEYS, DataError
+from common.datafiles import REQUIRED_KEYS, DataError
 
-from conftest import A, TINY, mutated_copies, write_d4rl, write_minari
+from tests.helpers import A, TINY, mutated_copies, write_d4rl, write_minari
 
 
 @pytest.mark.parametrize("make_bad, problem", [

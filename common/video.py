@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from checkpoint import atomic_write
+from common.checkpoint import atomic_write
 
 SIZE = (480, 320)  # multiples of 16, which MP4 encoders want
 

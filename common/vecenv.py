@@ -20,8 +20,8 @@ import sys
 import gymnasium as gym
 import numpy as np
 
-from checkpoint import RunError
-from tasks import TaskError, import_gym
+from common.checkpoint import RunError
+from common.tasks import TaskError, import_gym
 
 
 # From this many episodes on, they are stepped in two parts (see rollout.py), and evaluate.py

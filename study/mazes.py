@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import plot
-from checkpoint import RunError, atomic_write, load_checkpoint
+from study import plot
+from common.checkpoint import RunError, atomic_write, load_checkpoint
 from data import episode_ends, returns_to_go
-from device import evaluates_in_bf16
-from datafiles import DataError, read_file
-from plan import PlanSettings, add_planning_flags, check_planning_flags
-from rollout import rollout
-from tasks import GOAL_RADIUS, TaskError, maze_goal, task_from_attributes, task_from_checkpoint
+from common.device import evaluates_in_bf16
+from common.datafiles import DataError, read_file
+from methods.plan import PlanSettings, add_planning_flags, check_planning_flags
+from common.rollout import rollout
+from common.tasks import GOAL_RADIUS, TaskError, maze_goal, task_from_attributes, task_from_checkpoint
 
 
 class Maze:
@@ -111,7 +111,7 @@ def episode_paths(ckpt_path, episodes, target=None, planning=None):
     planning = planning or PlanSettings()
     returns = rollout(model, norm, task, task.default_target if target is None else target, episodes,
                       progress=False, record=seen, planning=planning,
-                      bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu"))  # a planner ignores it
+                      bf16=evaluates_in_bf16(ckpt.get("bf16", False), "cpu")).returns  # a planner ignores it
     label = model.cfg.kind.upper()
     if model.cfg.kind == "tt":
         label += f", beam {planning.beam_width}, horizon {planning.horizon}"

@@ -1,0 +1,2 @@
+"""The fixtures every test file under tests/ shares (tests/helpers.py makes them)."""
+from tests.helpers import dataset, trained  # noqa: F401
