@@ -46,15 +46,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import train
 from common.checkpoint import RunError
-from common.device import compiles, evaluates_in_bf16, resolve_device
-from data import load_trajectories
 from common.datafiles import DataError
+from common.device import compiles, evaluates_in_bf16, resolve_device
 from common.graphsteps import WARMUP_RUNS
-from model import CausalSelfAttention
-from methods.plan import Planner, PlanSettings, add_planning_flags, check_planning_flags
 from common.rollout import rollout
 from common.tasks import locomotion_task
 from common.vecenv import make_envs
+from data import load_trajectories
+from methods.plan import Planner, PlanSettings, add_planning_flags, check_planning_flags
+from model import CausalSelfAttention
 
 TASK = locomotion_task("HalfCheetah-v5")
 # The modes --check compiles unless told otherwise. max-autotune-no-cudagraphs is offered too, but

@@ -18,7 +18,6 @@ import train
 from data import episode_ends, load_trajectories, returns_to_go, sample_batch
 from model import (DecisionTransformer, DTConfig, attention_with_dropout, causal_mask, configure_optimizer,
                    padded_causal_mask)
-
 from tests.helpers import A, S, dataset, random_window, tiny_model, trained, write_d4rl  # noqa: F401 (fixtures)
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 import download
-from common import distributed
+from common import distributed, train_flags
 from common.checkpoint import (FORMAT_VERSION, RunError, StopOnSignal, build_model, check_same_data, claim_output,
                                release_output, restore, resume_run, rng_state, save_checkpoint)
 from common.datafiles import DataError
@@ -35,7 +35,6 @@ from common.graphsteps import GraphedSteps
 from common.rollout import rollout
 from common.runlog import Progress, data_line, end_line, mean_finite_loss, open_log
 from common.tasks import locomotion_task
-from common import train_flags
 from data import load_trajectories, sample_batch
 from methods import iql, qdt, reinformer, tt
 from model import DTConfig, action_loss, configure_optimizer, get_lr

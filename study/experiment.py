@@ -29,11 +29,10 @@ import h5py
 import numpy as np
 import torch
 
-from study import plot
-from study import stats
 from common.checkpoint import atomic_write
-from data import episode_ends, episode_totals
 from common.tasks import locomotion_task
+from data import episode_ends, episode_totals
+from study import plot, stats
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository: train.py, evaluate.py, runs/, results/
 RESULTS = ROOT / "results"

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from study import plot
 from common.checkpoint import RunError, atomic_write, load_checkpoint
-from data import episode_ends, returns_to_go
-from common.device import evaluates_in_bf16
 from common.datafiles import DataError, read_file
-from methods.plan import PlanSettings, add_planning_flags, check_planning_flags
+from common.device import evaluates_in_bf16
 from common.rollout import rollout
 from common.tasks import GOAL_RADIUS, TaskError, maze_goal, task_from_attributes, task_from_checkpoint
+from data import episode_ends, returns_to_go
+from methods.plan import PlanSettings, add_planning_flags, check_planning_flags
+from study import plot
 
 
 class Maze:

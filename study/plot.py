@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from methods import iql
 from common.checkpoint import RunError, atomic_write, load_checkpoint
-from data import episode_bounds, episode_ends, episode_totals
 from common.datafiles import DataError, read_file
+from data import episode_bounds, episode_ends, episode_totals
+from methods import iql
 
 LOG_COLUMNS = ("step", "loss", "lr", "elapsed_s", "eval_score")  # the columns of train.py's log read here
 

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from common.checkpoint import load_checkpoint
-from methods.plan import Planner, PlanSettings, plan_value
 from common.tasks import task_from_checkpoint
+from methods.plan import Planner, PlanSettings, plan_value
 
 
 def main():

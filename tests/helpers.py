@@ -15,8 +15,8 @@ import torch
 
 import train
 from common.datafiles import MINARI_KEYS, REQUIRED_KEYS
-from model import DecisionTransformer, DTConfig
 from common.tasks import locomotion_task
+from model import DecisionTransformer, DTConfig
 
 
 ROOT = Path(__file__).resolve().parent.parent  # the repository, where the scripts are

@@ -4,7 +4,6 @@ import json
 import pytest
 
 import bench
-
 from tests.helpers import TINY, needs_compiler
 
 

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from data import delay_rewards, episode_ends, load_trajectories
-
 from tests.helpers import S, write_d4rl
 
 

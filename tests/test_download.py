@@ -9,7 +9,6 @@ import pytest
 
 import download
 from data import load_trajectories
-
 from tests.helpers import assert_one_line_error, run_cli, write_d4rl
 
 

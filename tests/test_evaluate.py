@@ -12,16 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import checkpoint
-from common import device
 import evaluate
-from common import rollout
-from common.acting import WindowPolicy
-from common import tasks
 import train
-from common import vecenv
+from common import checkpoint, device, rollout, tasks, vecenv
+from common.acting import WindowPolicy
 from common.tasks import locomotion_task
-
 from tests.helpers import ROOT, HOPPER, TINY, assert_one_line_error, needs_compiler, run_cli, write_d4rl
 
 

@@ -9,16 +9,13 @@ import time
 import pytest
 import torch
 
-from common import checkpoint
-from common import device
 import evaluate
-from common import tasks
 import train
+from common import checkpoint, device, tasks
 from common.checkpoint import CheckpointError, RunError
 from data import load_trajectories, sample_batch
 from methods.bc import BehaviourCloning
 from model import DecisionTransformer
-
 from tests.helpers import (ROOT, TINY, assert_one_line_error, assert_usage_error, edited_checkpoint,
                       needs_compiler, random_window, run_cli, write_d4rl)
 
@@ -132,7 +129,7 @@ def test_compile_without_a_cpp_compiler_is_one_line_not_a_deep_inductor_error(tm
     assert not (tmp_path / "c.pt").exists()
 
 
-@pytest.mark.parametrize("model", ["dt", "iql", "tt", pytest.param("dt-compiled", marks=needs_compiler),
+@pytest.mark.parametrize("model", ["dt", "reinformer", "iql", "tt", pytest.param("dt-compiled", marks=needs_compiler),
                                    pytest.param("iql-compiled", marks=needs_compiler)])
 def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     data = write_d4rl(tmp_path / "halfcheetah-r.hdf5", [50] * 4)
@@ -140,7 +137,7 @@ def test_resume_continues_a_run_exactly(tmp_path, monkeypatch, model):
     # target networks and its actor's learning-rate schedule must come back too; a compiled
     # forward must give the same steps after a restart as before it.
     iql_size = ["--model", "iql", "--batch-size", "8", "--n-embd", "16"]
-    size = {"dt": TINY, "dt-compiled": [*TINY, "--compile"], "iql": iql_size, "iql-compiled": [*iql_size, "--compile"],
+    size = {"dt": TINY, "reinformer": ["--model", "reinformer", *TINY], "dt-compiled": [*TINY, "--compile"], "iql": iql_size, "iql-compiled": [*iql_size, "--compile"],
             "tt": ["--model", "tt", "--batch-size", "4", "--n-layer", "1", "--n-head", "2", "--n-embd", "16"]}
     run = ["--data", str(data), "--max-steps", "12", "--log-every", "5", "--save-every", "5", *size[model]]
     straight, split = tmp_path / "straight.pt", tmp_path / "split.pt"

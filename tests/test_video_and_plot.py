@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import evaluate
-from study import plot
 from common import video
 from common.checkpoint import RunError
+from study import plot
 
 
 def test_video_renders_the_first_episode_without_changing_its_return(trained, tmp_path, capsys, monkeypatch):

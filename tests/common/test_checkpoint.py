@@ -4,12 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import checkpoint
 import train
+from common import checkpoint
 from common.checkpoint import RunError
-from model import DecisionTransformer, DTConfig
 from common.tasks import locomotion_task
-
+from model import DecisionTransformer, DTConfig
 from tests.helpers import S, TINY, assert_one_line_error, edited_checkpoint, random_window, run_cli, write_d4rl
 
 

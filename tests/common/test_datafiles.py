@@ -9,9 +9,8 @@ import torch
 
 import download
 import train
-from data import load_trajectories
 from common.datafiles import REQUIRED_KEYS, DataError
-
+from data import load_trajectories
 from tests.helpers import A, TINY, mutated_copies, write_d4rl, write_minari
 
 

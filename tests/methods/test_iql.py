@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import evaluate
-from methods import iql
-from study import plot
 import train
 from data import load_trajectories
+from methods import iql
 from model import DTConfig
-
+from study import plot
 from tests.helpers import A, S, assert_usage_error, run_cli, write_d4rl
 
 

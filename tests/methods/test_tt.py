@@ -5,13 +5,11 @@ import json
 import numpy as np
 import torch
 
-from common import device
 import evaluate
-from methods import plan
 import train
-from methods import tt
+from common import device
 from common.checkpoint import load_checkpoint
-
+from methods import plan, tt
 from tests.helpers import assert_one_line_error, assert_usage_error, run_cli, write_d4rl
 
 SMALL = tt.TTConfig(state_dim=3, act_dim=2, n_bins=10, n_transitions=4, n_layer=2, n_head=2, n_embd=16, dropout=0.0)

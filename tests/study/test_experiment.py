@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from study import experiment
 from common.tasks import locomotion_task
+from study import experiment
 
 
 def test_the_experiment_plan_and_its_results_table(tmp_path, monkeypatch, capsys):

@@ -10,17 +10,14 @@ import pytest
 import torch
 
 import evaluate
-from study import mazes
-from common import rollout
-from study import stats
-from common import tasks
 import train
+from common import rollout, tasks
 from common.checkpoint import load_checkpoint
-from data import load_trajectories
 from common.datafiles import DataError
-from model import DecisionTransformer, DTConfig
+from data import load_trajectories
 from methods.plan import PlanSettings
-
+from model import DecisionTransformer, DTConfig
+from study import mazes, stats
 from tests.helpers import assert_one_line_error, assert_usage_error, mutated_copies, run_cli
 
 pytest.importorskip("gymnasium_robotics", reason="the mazes need the optional package gymnasium-robotics")
