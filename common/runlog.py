@@ -1,5 +1,5 @@
 """
-What a training run leaves behind as it goes: the CSV log beside its checkpoint (python plot.py
+What a training run leaves behind as it goes: the CSV log beside its checkpoint (python -m study.plot
 ckpt.csv draws it), the loss check at every log point, and its progress on the terminal: a bar on
 a terminal, and one plain line per log interval when the output goes to a file (nohup python
 train.py ... > train.log), where a bar's carriage returns would fill the file.

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, configure_optimizer, get_lr
+from model import Block
 
 TERMINATION_PENALTY = -100.0  # the paper's reward for the step that ends an episode by falling
 

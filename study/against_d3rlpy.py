@@ -3,7 +3,7 @@ The other side of bench.py's comparison (docs/speed.md): d3rlpy's DecisionTransf
 this code's sizes, timed on the same file, one JSON line out. Run it in its own virtual
 environment (pip install d3rlpy==2.8.1 "gymnasium[mujoco]" h5py), alternating with bench.py:
 
-    OMP_NUM_THREADS=1 python docs/against_d3rlpy.py data/halfcheetah-expert-v2.hdf5
+    OMP_NUM_THREADS=1 python -m study.against_d3rlpy data/halfcheetah-expert-v2.hdf5
     OMP_NUM_THREADS=1 python bench.py --eval-episodes 1 100 --steps 30
     OMP_NUM_THREADS=1 python bench.py --model iql --steps 300 --eval-episodes 1
 
@@ -83,5 +83,5 @@ def main(path):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python docs/against_d3rlpy.py HALFCHEETAH.hdf5")
+        sys.exit("usage: python -m study.against_d3rlpy HALFCHEETAH.hdf5")
     main(sys.argv[1])

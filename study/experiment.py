@@ -4,10 +4,10 @@ and the Trajectory Transformer, over several training seeds, in two studies: the
 medium-expert files with dense and with delayed rewards ("medium-expert"), and the three
 sparse-reward mazes that need stitching ("maze2d").
 
-    python experiment.py --data-dir data              # run whatever is missing, one run at a time
-    python experiment.py --list                       # the plan, and which runs are done
-    python experiment.py --table                      # the report's tables, from the results files
-    python experiment.py --curves curves.png          # every finished run's learning curve
+    python -m study.experiment --data-dir data              # run whatever is missing, one run at a time
+    python -m study.experiment --list                       # the plan, and which runs are done
+    python -m study.experiment --table                      # the report's tables, from the results files
+    python -m study.experiment --curves curves.png          # every finished run's learning curve
 
 Each run trains with train.py into runs/NAME.pt (an interrupted run is resumed, not restarted),
 then evaluate.py scores its last checkpoint (a body on 10 episodes, reset seeds 0-9; a maze on 20,
@@ -231,16 +231,25 @@ def gather():
                 csv.writer(f).writerows([COLUMNS, *study_rows])
 
 
-def episode_scores(result):
-    """A run's evaluation JSON -> the normalized score of each of its episodes."""
-    low, high = result.get("ref_returns") or locomotion_task(result["env"]).ref_returns
+# D4RL's own maze2d reference returns (its noisy-controller minimum and planner maximum), far below
+# the ones our maze files carry (the noise-free planner in PointMaze v3: 229.7, 473.8, 624.2), so
+# that our scores compare with published ones on this second scale.
+D4RL_MAZE_REFERENCES = {"maze2d-umaze": (23.85, 161.86), "maze2d-medium": (13.13, 277.39),
+                        "maze2d-large": (6.7, 273.99)}
+
+
+def episode_scores(result, refs=None):
+    """A run's evaluation JSON -> the normalized score of each of its episodes, on its own
+    reference returns or on `refs`, a (low, high) pair."""
+    low, high = refs or result.get("ref_returns") or locomotion_task(result["env"]).ref_returns
     return [100.0 * (r - low) / (high - low) for r in result["returns"]]
 
 
-def table(study):
+def table(study, references=None):
     """Normalized score per method and task: the mean over seeds and episodes with its 95%
     bootstrap interval (stats.bootstrap_mean), each seed's score, and each method's IQM over the
-    study's tasks with its interval (stats.bootstrap_iqm)."""
+    study's tasks with its interval (stats.bootstrap_iqm). `references`, {task: (low, high)},
+    scores on other reference returns than the runs' own (D4RL_MAZE_REFERENCES)."""
     files = STUDIES[study]
     results = {}
     for name, task, method, mode, seed in plan():
@@ -248,7 +257,8 @@ def table(study):
         if task in files and path.exists():
             results.setdefault((method, mode, task), []).append(json.loads(path.read_text()))
     planned = {(method, mode, task) for _, task, method, mode, _ in plan()}
-    print(f"{study}: normalized score, mean [95% bootstrap interval] (each seed)")
+    scale = " on D4RL's reference returns" if references else ""
+    print(f"\n{study}: normalized score{scale}, mean [95% bootstrap interval] (each seed)")
     print("| method | rewards | " + " | ".join(files) + " | IQM over tasks |")
     print("| --- | --- | " + " | ".join("---:" for _ in files) + " | ---: |")
     for method in METHODS:
@@ -257,10 +267,12 @@ def table(study):
             for task in files:
                 runs = results.get((method, mode, task), [])
                 if runs:
-                    mean, low, high = stats.bootstrap_mean([episode_scores(r) for r in runs])
-                    seeds = ", ".join(f"{r['normalized_score']:.1f}" for r in runs)
+                    refs = references and references[task]
+                    scores = [episode_scores(r, refs) for r in runs]
+                    mean, low, high = stats.bootstrap_mean(scores)
+                    seeds = ", ".join(f"{np.mean(s):.1f}" for s in scores)
                     cells.append(f"{mean:.1f} [{low:.1f}, {high:.1f}] ({seeds})")
-                    runs_by_task[task] = [r["normalized_score"] for r in runs]
+                    runs_by_task[task] = [float(np.mean(s)) for s in scores]
                 else:
                     cells.append("not run yet" if (method, mode, task) in planned else "–")
             if not runs_by_task:
@@ -340,6 +352,8 @@ def main(argv=None):
         gather()
         for study in studies:
             table(study)
+            if study == "maze2d":
+                table(study, D4RL_MAZE_REFERENCES)
             sweeps(study)
         return
     if args.curves:

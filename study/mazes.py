@@ -3,12 +3,13 @@ What happens in the sparse-reward mazes, drawn on the maze itself (walls as bloc
 star inside its 0.45 success circle), and how much stitching each maze needs. Pictures need
 matplotlib.
 
-    python mazes.py stitching DATA...                     # how much of each maze the data links to its goal
-    python mazes.py paths CKPT... --out paths.png         # each checkpoint's evaluation episodes, same starts
-                                                          # (a TT's: --beam-width, --horizon as evaluate.py)
-    python mazes.py values IQL.pt --data DATA --out v.png # IQL's V at rest over the maze, and where the data is paid
-    python mazes.py targets DT.pt --data DATA --out t.png # the data's best return-to-go from each cell, and the DT's
-                                                          # episodes asked for more than that
+    python -m study.mazes stitching DATA...                    # how much of each maze the data links to its goal
+    python -m study.mazes paths CKPT... --out paths.png        # each checkpoint's evaluation episodes, same starts
+                                                               # (a TT's: --beam-width, --horizon as evaluate.py)
+    python -m study.mazes values CKPT --data DATA --out v.png  # IQL's V at rest over the maze and where the data
+                                                               # is paid; or Reinformer's R̂ and its episodes
+    python -m study.mazes targets DT.pt --data DATA --out t.png  # the data's best return-to-go from each cell,
+                                                               # and the DT's episodes asked for more than that
 """
 import argparse
 import sys
@@ -141,33 +142,68 @@ def figure_paths(ckpts, out, episodes, planning=None):
     save(fig, out)
 
 
-def figure_values(ckpt, data_path, out):
-    """IQL's V over the maze, at rest (velocity 0) on a grid of positions, beside the data's
-    rewarded positions: do the backups carry the goal's value along the corridors?"""
+def value_at_rest(model, norm, states):
+    """What a model expects to collect from each of (N, 4) raw maze states: IQL's V, or the
+    max-return DT's predicted return R̂ with the state as an episode's first step, in the file's
+    reward units (a sparse maze's IQL trains on them unscaled)."""
+    with torch.no_grad():
+        s = norm.states(states)
+        if model.cfg.kind == "iql":
+            return model.value(s)
+        K, S, A = model.cfg.context_len, s.shape[1], model.cfg.act_dim
+        out = []
+        for chunk in s.split(2048):  # a window of K steps a state: chunks keep the activations small
+            n = len(chunk)
+            window = torch.zeros(n, K, S)
+            window[:, -1] = chunk
+            real = torch.zeros(n, K, dtype=torch.bool)
+            real[:, -1] = True
+            out.append(model.get_return(window, torch.zeros(n, K, A), torch.zeros(n, K, 1),
+                                        torch.zeros(n, K, dtype=torch.long), real))
+        return torch.cat(out) * norm.reward_scale
+
+
+def figure_values(ckpt, data_path, out, episodes=20):
+    """A value over the maze, at rest (velocity 0) on a grid of positions: IQL's V beside the
+    data's rewarded positions (do the backups carry the goal's value along the corridors?), or the
+    max-return DT's predicted return beside its evaluation episodes and the data's best
+    return-to-go from each cell (does R̂ stitch past what one episode earned?)."""
     model, norm, saved = load_checkpoint(ckpt)
-    if model.cfg.kind != "iql":
-        raise RunError(f"{ckpt}: a {model.cfg.kind.upper()} checkpoint has no value function (values needs IQL)")
+    if model.cfg.kind not in ("iql", "reinformer"):
+        raise RunError(f"{ckpt}: a {model.cfg.kind.upper()} checkpoint predicts no value (values needs IQL "
+                       f"or Reinformer)")
     maze = Maze(task_from_checkpoint(saved))
     xs = np.linspace(-maze.width / 2, maze.width / 2, 24 * maze.width)
     ys = np.linspace(maze.height / 2, -maze.height / 2, 24 * maze.height)
     gx, gy = np.meshgrid(xs, ys)
     states = torch.tensor(np.stack([gx.ravel(), gy.ravel(), 0 * gx.ravel(), 0 * gy.ravel()], 1), dtype=torch.float32)
-    with torch.no_grad():
-        v = model.value(norm.states(states)).numpy().reshape(gx.shape)
+    v = value_at_rest(model, norm, states).numpy().reshape(gx.shape)
     row, col = maze.cell_of(np.stack([gx.ravel(), gy.ravel()], 1))
     v = np.ma.masked_where(maze.cells[row, col].reshape(gx.shape) == 1, v)
-    xy, rewards, _, _ = read_maze_data(data_path)
-    paid = xy[1:][rewards[:-1] > 0]  # where the step that was paid led
+    xy, rewards, ends, _ = read_maze_data(data_path)
     plt = plot.pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4.4), dpi=110)
     for ax in (left, right):
         maze.draw(ax)
     image = left.imshow(v, extent=(xs[0], xs[-1], ys[-1], ys[0]), cmap="magma", zorder=1)
-    fig.colorbar(image, ax=left, shrink=0.8, label="V(x, y, at rest)")
-    left.set_title(f"IQL's V after {saved['step']:,} steps", fontsize=9)
-    pick = np.random.default_rng(0).permutation(len(paid))[:3000]
-    right.scatter(paid[pick, 0], paid[pick, 1], s=2, color="crimson", alpha=0.3, zorder=2)
-    right.set_title(f"where the data is paid ({len(paid):,} rewarded steps)", fontsize=9)
+    if model.cfg.kind == "iql":
+        fig.colorbar(image, ax=left, shrink=0.8, label="V(x, y, at rest)")
+        left.set_title(f"IQL's V after {saved['step']:,} steps", fontsize=9)
+        paid = xy[1:][rewards[:-1] > 0]  # where the step that was paid led
+        pick = np.random.default_rng(0).permutation(len(paid))[:3000]
+        right.scatter(paid[pick, 0], paid[pick, 1], s=2, color="crimson", alpha=0.3, zorder=2)
+        right.set_title(f"where the data is paid ({len(paid):,} rewarded steps)", fontsize=9)
+    else:
+        fig.colorbar(image, ax=left, shrink=0.8, label="predicted return R̂(x, y, at rest), first step")
+        left.set_title(f"Reinformer's R̂ after {saved['step']:,} steps", fontsize=9)
+        best = best_return_to_go_by_cell(maze, xy, returns_to_go(rewards, ends))
+        for r, c in maze.free():
+            x, y = maze.centre(r, c)
+            right.text(x, y - 0.3, f"{best[r, c]:.0f}", ha="center", va="center", fontsize=8, color="navy", zorder=5)
+        paths, returns, task, _ = episode_paths(ckpt, episodes)
+        draw_paths(right, maze, paths, returns)
+        right.set_title(f"its {episodes} episodes: mean return {returns.mean():.1f}\n"
+                        f"numbers: the data's best return-to-go from each cell", fontsize=9)
     save(fig, out)
 
 
@@ -205,15 +241,14 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("stitching", help="how much of each maze the data links to its goal")
     s.add_argument("data", nargs="+")
-    for name, help in (("paths", "evaluation episodes of each checkpoint"), ("values", "IQL's V over the maze"),
+    for name, help in (("paths", "evaluation episodes of each checkpoint"), ("values", "IQL's V or Reinformer's R̂ over the maze"),
                        ("targets", "the DT's target against the data's returns-to-go")):
         s = sub.add_parser(name, help=help)
         s.add_argument("checkpoints" if name == "paths" else "checkpoint", nargs="+" if name == "paths" else None)
         if name != "paths":
             s.add_argument("--data", required=True, help="the maze file the checkpoint was trained on")
         s.add_argument("--out", required=True, type=Path, help="PNG to write")
-        if name != "values":
-            s.add_argument("--episodes", type=int, default=20)
+        s.add_argument("--episodes", type=int, default=20)
         if name == "targets":
             s.add_argument("--target", type=float, help="return to ask for (default: the reference maximum)")
         if name == "paths":
@@ -239,7 +274,7 @@ def main(argv=None):
     if args.command == "paths":
         figure_paths(args.checkpoints, args.out, args.episodes, PlanSettings.given(args.beam_width, args.horizon))
     elif args.command == "values":
-        figure_values(args.checkpoint, args.data, args.out)
+        figure_values(args.checkpoint, args.data, args.out, args.episodes)
     else:
         figure_targets(args.checkpoint, args.data, args.out, args.episodes, args.target)
 

@@ -2,8 +2,8 @@
 Pictures of a run: the training log that train.py writes beside its checkpoint, and the
 achieved-against-requested return of an evaluate.py --target sweep. Needs matplotlib (optional).
 
-    python plot.py ckpt.csv                       # loss, learning rate and evaluation score -> ckpt.png
-    python plot.py --values iql.pt --data FILE    # IQL's V(s_t) along the data's episodes -> values.png
+    python -m study.plot ckpt.csv                   # loss, learning rate and evaluation score -> ckpt.png
+    python -m study.plot --values iql.pt --data FILE # IQL's V(s_t) along the data's episodes -> values.png
 """
 import argparse
 import csv

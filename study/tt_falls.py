@@ -5,7 +5,7 @@ and writes, for every step of every episode, the reward and discounted return it
 expected against the reward the step paid and whether the body fell (results/README.md, "Its
 plans did not see the falls coming"):
 
-    PYTHONPATH=. python docs/tt_falls.py runs/hopper-tt-dense-s0.pt --episodes 2 > falls.csv
+    python -m study.tt_falls runs/hopper-tt-dense-s0.pt --episodes 2 > falls.csv
 
 A foreseen fall shows in the plan as the -100 penalty and termination tokens after it: an expected
 return far below the 300-odd of a plan that keeps hopping.

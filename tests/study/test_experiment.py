@@ -1,4 +1,4 @@
-"""Tests of experiment.py."""
+"""Tests of study/experiment.py."""
 import csv
 import importlib.util
 import json

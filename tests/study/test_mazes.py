@@ -103,11 +103,22 @@ def test_the_maze_pictures_are_drawn(tmp_path):
     assert_usage_error(run_cli("study.mazes", "paths", tt, "--beam-width", "0", "--out", str(tmp_path / "x.png")),
                        "--beam-width must be at least 1")
     mazes.main(["values", iql, "--data", str(data), "--out", str(tmp_path / "v.png")])
+    # The max-return DT's predicted return, at rest in each position, is its picture of the same.
+    rf = str(tmp_path / "rf.pt")
+    train.main(["--data", str(data), "--model", "reinformer", "--max-steps", "2", *size, "--context-len", "4", "--out", rf])
+    mazes.main(["values", rf, "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "r.png")])
+    model, norm, _ = load_checkpoint(rf)
+    states = torch.tensor([[0.5, -0.5, 0.0, 0.0], [-0.5, 0.5, 0.0, 0.0]])
+    window = torch.zeros(2, 4, 4)
+    window[:, -1] = norm.states(states)
+    real = torch.tensor([[False, False, False, True]] * 2)
+    want = model.get_return(window, torch.zeros(2, 4, 2), torch.zeros(2, 4, 1), torch.zeros(2, 4, dtype=torch.long), real)
+    torch.testing.assert_close(mazes.value_at_rest(model, norm, states), want * norm.reward_scale)
     mazes.main(["targets", dt, "--data", str(data), "--episodes", "2", "--out", str(tmp_path / "t.png")])
-    for name in ("p", "v", "t"):
+    for name in ("p", "v", "r", "t"):
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert_one_line_error(run_cli("study.mazes", "values", dt, "--data", str(data), "--out", str(tmp_path / "x.png")),
-                          "has no value function")
+                          "predicts no value")
 
 
 def test_the_normalized_score_uses_the_files_reference_returns():
@@ -117,7 +128,7 @@ def test_the_normalized_score_uses_the_files_reference_returns():
     assert task.default_target == 229.7  # a maze's DT is asked for the reference maximum by default
 
 
-@pytest.mark.parametrize("model", ["dt", "bc", "iql"])
+@pytest.mark.parametrize("model", ["dt", "bc", "iql", "reinformer"])
 def test_every_method_trains_and_evaluates_on_a_maze_without_env(tmp_path, model, capsys):
     data, out = write_maze(tmp_path / "maze.hdf5"), tmp_path / f"{model}.pt"
     size = ["--batch-size", "8", "--n-layer", "1", "--n-embd", "16"] + (["--context-len", "4"] if model != "iql" else [])
