@@ -11,7 +11,7 @@ Roll a trained Decision Transformer out in its MuJoCo environment, asking it for
 At every step of an episode the model sees the last K (return-to-go, state, action) steps and
 picks the next action. The return-to-go starts at the target and counts down by each reward
 collected (data.Normalization.return_to_go), so the model is always asked for what is still
-missing, exactly as its training data was labelled. rollout.py runs the episodes side by side.
+missing, exactly as its training data was labelled. common/rollout.py runs the episodes side by side.
 """
 import argparse
 import json

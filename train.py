@@ -63,7 +63,7 @@ class Recipe:
     settings, how a batch is drawn, its loss, its optimizer and its learning-rate schedule, each
     from the run's settings to the plain values its file's functions take."""
     defaults: dict       # for the flags left unset
-    settings: tuple      # the flags it reads beside COMMON's; the config line shows these
+    settings: tuple      # the flags it reads beside train_flags.COMMON; the config line shows these
     rows_per_sample: Callable  # (args) -> dataset rows one sample covers, which sizes an epoch
     sample: Callable     # (data, args, generator) -> batch, a tuple of device tensors
     objective: Callable  # (model, args, amp) -> module whose forward(*batch) is the loss
@@ -302,12 +302,12 @@ def main(argv=None):
                     row = [done, f"{loss_avg:.5f}", f"{lr:.3g}", "", "", ""]
                     if evaluating:
                         t_eval = time.time()
-                        returns = rollout(model, data.norm, task, target, args.eval_episodes, progress=False,
-                                          bf16=evaluates_in_bf16(run_info["bf16"], device)).returns
+                        returns, _, policy = rollout(model, data.norm, task, target, args.eval_episodes,
+                                                     progress=False, bf16=evaluates_in_bf16(run_info["bf16"], device))
                         model.train()
                         row[4:] = [f"{returns.mean():.1f}", f"{task.normalized_score(returns.mean()):.1f}"]
                         progress.write(f"step {done}: loss {loss_avg:.4f}  return {returns.mean():.1f} "
-                                       f"(normalized {row[5]}) at target {target:g}")
+                                       f"(normalized {row[5]}), {policy}")
                         eval_time += time.time() - t_eval
                     elapsed = elapsed_before + time.time() - t0 - eval_time
                     row[3] = f"{elapsed:.1f}"

@@ -114,7 +114,7 @@ def test_one_gpu_compiles_to_cuda_graphs_but_torchrun_and_the_cpu_do_not(monkeyp
 
 def test_a_target_of_zero_is_asked_for_not_replaced_by_the_default(tmp_path, capsys):
     data = write_d4rl(tmp_path / "halfcheetah-t.hdf5", [50] * 4)
-    for target, shown in (("0", "at target 0"), (None, "at target 12000")):
+    for target, shown in (("0", "), target 0"), (None, "), target 12000")):
         out = tmp_path / f"t{target}.pt"
         train.main(["--data", str(data), "--max-steps", "2", "--eval-every", "2", "--eval-episodes", "1",
                     *TINY, "--out", str(out)] + (["--target", target] if target else []))
