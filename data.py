@@ -3,9 +3,9 @@ Trajectory data: a D4RL-style file -> normalized states, returns-to-go and batch
 
 D4RL stores every episode back to back in flat arrays (`observations`, `actions`, `rewards`,
 `terminals`, `timeouts`); an episode ends where `terminals` (the MDP ended) or `timeouts` (the time
-limit cut it) is true. Reading and checking the files is datafiles.py's job; this file turns the
-arrays into what the DT trains on. Everything is read once into contiguous tensors; a batch is then
-a handful of vectorised index operations, with no Python loop per sample.
+limit cut it) is true. common/datafiles.py reads and checks the files; this file turns the arrays
+into what the DT trains on, read once into contiguous tensors, so that a batch is a handful of
+vectorised index operations, with no Python loop per sample.
 """
 from dataclasses import dataclass
 

@@ -87,7 +87,6 @@ def main(argv=None):
         raise RunError(f"no reference returns to normalize {task.env_id!r} scores with (D4RL's bodies "
                        f"and maze files that carry ref_min_score / ref_max_score have them)")
     targets = args.target or [task.default_target]
-    env_id = task.env_id
     planning = model.cfg.kind == "tt"
     if not planning and (args.beam_width or args.horizon):
         raise RunError(f"{args.checkpoint}: --beam-width and --horizon are for a TT checkpoint; this is "
@@ -117,7 +116,7 @@ def main(argv=None):
             raise RunError(f"{args.checkpoint}: {e}") from None
         seconds, steps = time.perf_counter() - t0, int(lengths.max())
         result = {
-            "env": env_id, "model": model.cfg.kind, "target": target, "episodes": args.episodes,
+            "env": task.env_id, "model": model.cfg.kind, "target": target, "episodes": args.episodes,
             "returns": [round(float(r), 2) for r in returns], "lengths": lengths.tolist(),
             "mean_return": float(returns.mean()), "std_return": float(returns.std()),
             "normalized_score": task.normalized_score(float(returns.mean())),
@@ -141,7 +140,7 @@ def main(argv=None):
         print_sweep(results)
     if args.plot:
         from study.plot import plot_sweep
-        plot_sweep(results, args.plot, f"{env_id}: {Path(args.checkpoint).name}")
+        plot_sweep(results, args.plot, f"{task.env_id}: {Path(args.checkpoint).name}")
         print(f"plot: {args.plot}", file=out)
 
 

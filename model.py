@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 @dataclass
 class DTConfig:
-    kind: str = "dt"  # "dt": the Decision Transformer; with this config also the baselines "bc", "iql"
+    kind: str = "dt"  # "dt": the Decision Transformer; with this config also "bc", "iql", "reinformer"
     state_dim: int = 17
     act_dim: int = 6
     context_len: int = 20  # K: timesteps per window, so 3K tokens
@@ -198,8 +198,7 @@ class DecisionTransformer(nn.Module):
         states, actions = states[:, -K:], actions[:, -K:]
         returns_to_go, timesteps = returns_to_go[:, -K:], timesteps[:, -K:]
         B, T = states.shape[:2]
-        if mask is not None:
-            mask = mask[:, -K:]
+        mask = None if mask is None else mask[:, -K:]
         if T < K:
             pad = K - T
             states, actions, returns_to_go = (F.pad(x, (0, 0, pad, 0)) for x in (states, actions, returns_to_go))

@@ -43,9 +43,8 @@ DEFAULT_DATA = "data/halfcheetah-expert-v2.hdf5"
 
 
 class ActionLoss(torch.nn.Module):
-    """The DT's and BC's training forward: a batch of windows in, action_loss out. The matmuls run
-    under `amp` (bf16 where it pays), the loss in fp32. Being a module, it is what torch.compile and
-    DistributedDataParallel wrap; it holds the model, not a copy."""
+    """The DT's and BC's training forward: windows in, action_loss out, the matmuls under `amp` (bf16
+    where it pays), the loss in fp32. torch.compile and DDP wrap it; it holds the model, not a copy."""
 
     def __init__(self, model, amp):
         super().__init__()
