@@ -100,7 +100,7 @@ def parse_args(argv=None):
         p.error(f"--graph-steps must be at least {1 if args.check else 0}")
     if (args.beam_width or args.horizon) and args.model != "tt":
         p.error("--beam-width and --horizon: for --model tt only")
-    check_planning_flags(p, args)
+    check_planning_flags(p, args.beam_width, args.horizon)
     if args.check and args.model != "dt":
         p.error("--check compares the DT's compiled paths with its eager one: leave out --model")
     return args

@@ -69,8 +69,8 @@ def parse_args(argv=None):
     if args.env_workers is None:
         args.env_workers = len(os.sched_getaffinity(0)) if args.episodes >= MANY_EPISODES and not args.video else 1
     if args.video:
-        from common.video import check_video_args
-        check_video_args(p, args)
+        from common.video import check_video_path
+        args.video = check_video_path(p, args.video)
     return args
 
 

@@ -104,21 +104,22 @@ def write_gif(frames, path, fps):
     images[0].save(path, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
-def check_video_args(parser, args):
+def check_video_path(parser, video):
     """Settle the renderer and the file format when the arguments are parsed, not after minutes
-    of rollouts."""
-    if args.video.suffix not in (".mp4", ".gif"):
-        parser.error(f"--video {args.video}: the file name must end in .mp4 or .gif")
+    of rollouts: -> the path to write (a GIF where no MP4 encoder is installed)."""
+    if video.suffix not in (".mp4", ".gif"):
+        parser.error(f"--video {video}: the file name must end in .mp4 or .gif")
     backend = offscreen_gl_backend()
     if backend is None:
         tried = os.environ.get("MUJOCO_GL") or "osmesa, egl"
         parser.error(f"--video needs off-screen OpenGL and none works here (tried MUJOCO_GL={tried}): "
                      "install EGL or OSMesa (Debian/Ubuntu: apt install libegl1 or libosmesa6)")
     os.environ["MUJOCO_GL"] = backend  # read by gymnasium's renderer when it makes its context
-    if args.video.suffix == ".mp4":
+    if video.suffix == ".mp4":
         try:
             import imageio_ffmpeg  # noqa: F401  (the ffmpeg that imageio writes MP4 with)
         except ImportError:
-            args.video = args.video.with_suffix(".gif")
-            print(f"no MP4 encoder installed (pip install imageio-ffmpeg): writing {args.video} instead",
+            video = video.with_suffix(".gif")
+            print(f"no MP4 encoder installed (pip install imageio-ffmpeg): writing {video} instead",
                   file=sys.stderr)
+    return video

@@ -41,9 +41,9 @@ def add_planning_flags(parser, whose):
                         f"{PlanSettings.horizon}, the paper's; it uses 5 for HalfCheetah and Walker2d)")
 
 
-def check_planning_flags(parser, args):
+def check_planning_flags(parser, beam_width, horizon):
     """add_planning_flags' values: a plan needs at least one beam and one transition ahead."""
-    for flag, value in (("--beam-width", args.beam_width), ("--horizon", args.horizon)):
+    for flag, value in (("--beam-width", beam_width), ("--horizon", horizon)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, not {value}")
 

@@ -255,7 +255,7 @@ def main(argv=None):
             add_planning_flags(s, "a TT checkpoint")
     args = p.parse_args(argv)
     if args.command == "paths":
-        check_planning_flags(p, args)
+        check_planning_flags(p, args.beam_width, args.horizon)
     if getattr(args, "episodes", 1) < 1:
         p.error(f"--episodes must be at least 1, not {args.episodes}")
     if args.command == "stitching":
