@@ -1,6 +1,7 @@
 """
-The comparison in the report (results/README.md): the DT against behaviour cloning, 10% BC, IQL
-and the Trajectory Transformer, over several training seeds, in two studies: the three
+The comparison in the report (results/README.md): the DT against behaviour cloning, 10% BC, IQL,
+the Trajectory Transformer, and the DT taught to stitch (Reinformer; QDT's relabelling with an
+IQL run's V), over several training seeds, in two studies: the three
 medium-expert files with dense and with delayed rewards ("medium-expert"), and the three
 sparse-reward mazes that need stitching ("maze2d").
 
