@@ -62,7 +62,7 @@ class Trajectories:
     rewards: torch.Tensor        # (N,) float32, the rewards as trained on (dense or delayed), unscaled
     terminals: torch.Tensor      # (N,) bool, where the MDP truly ended (a body fell), whatever the mode
     sparse: bool = False         # a maze's 0/1 rewards, not a body's
-    given_next_states: torch.Tensor = None  # (N, S) normalized, where the file has next_observations
+    final_next_states: torch.Tensor = None  # (E, S) normalized s' after each episode's last step, from the file
     relabelled_goal: list = None  # the (x, y) a Minari maze's rewards were relabelled against
 
     @property
@@ -84,7 +84,7 @@ class Trajectories:
 
     def to(self, device):
         for name in ("states", "actions", "returns_to_go", "timesteps", "episode_start", "rewards", "terminals",
-                     "given_next_states"):
+                     "final_next_states"):
             if getattr(self, name) is not None:
                 setattr(self, name, getattr(self, name).to(device))
         return self
@@ -191,8 +191,8 @@ def load_trajectories(path, gamma=1.0, reward_mode="dense", top_pct=100.0):
         sparse=sparse,
         relabelled_goal=attrs.get("relabel_goal"),
     )
-    if "next_observations" in arrays:
-        data.given_next_states = torch.from_numpy(((arrays["next_observations"] - mean) / std).astype(np.float32))
+    if "next_observations" in arrays:  # only the episodes' last rows: the others' s' is the next row
+        data.final_next_states = torch.tensor((arrays["next_observations"][end_idx] - mean) / std, dtype=torch.float32)
     return data, task
 
 

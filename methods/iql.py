@@ -176,7 +176,7 @@ def iql_reward_scale(episode_returns, sparse):
     return 1000.0 / max(float(np.ptp(episode_returns)), 1.0)
 
 
-def next_states(states, last, next_obs=None):
+def next_states(states, last, final_next=None):
     """s' of every step: the next row of the same episode. The last step of an episode has no next
     row. Where the MDP ended (a body that fell) s' is never used: the TD target does not bootstrap
     past a terminal. Where the time limit cut the episode it must bootstrap, since the body would
@@ -187,8 +187,8 @@ def next_states(states, last, next_obs=None):
     idx = np.arange(1, len(states) + 1)
     idx[last] = last
     out = states[idx]
-    if next_obs is not None:
-        out[last] = next_obs[last]
+    if final_next is not None:  # (E, S): the file's s' after each episode's last step
+        out[last] = final_next
     return out
 
 
@@ -205,7 +205,7 @@ def prepare(data, reward_mode):
     """train.py's hook, once before training: data.transitions from the Trajectories."""
     ends = data.episode_ends().cpu().numpy()
     scale = iql_reward_scale(data.episode_returns, data.sparse)
-    given = None if data.given_next_states is None else data.given_next_states.cpu().numpy()
+    given = None if data.final_next_states is None else data.final_next_states.cpu().numpy()
     nxt = next_states(data.states.cpu().numpy(), np.flatnonzero(ends), given)
     # A delayed-reward episode is over once its return is paid: its last step is terminal.
     done = ends if reward_mode == "delayed" else data.terminals.cpu().numpy()
