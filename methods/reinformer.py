@@ -43,15 +43,11 @@ class Reinformer(DecisionTransformer):
         nn.init.zeros_(self.predict_return.bias)
 
     def embed(self, states, actions, returns_to_go, timesteps):
-        B, K, _ = states.shape
-        time = self.embed_timestep(timesteps.clamp(max=self.cfg.max_ep_len - 1))
-        tokens = torch.stack(
-            (self.embed_state(states) + time,
-             self.embed_return(returns_to_go) + time,
-             self.embed_action(actions) + time),
-            dim=2,
-        ).reshape(B, 3 * K, self.cfg.n_embd)  # interleave: s_1, R_1, a_1, s_2, ...
-        return self.drop(self.embed_ln(tokens))
+        """The DT's tokens (R_t, s_t, a_t) put in this order, (s_t, R_t, a_t): its embeddings, layer
+        norm and dropout act on each token alone, so reordering after them is the same."""
+        tokens = super().embed(states, actions, returns_to_go, timesteps)
+        B, T, C = tokens.shape
+        return tokens.view(B, T // 3, 3, C)[:, :, [1, 0, 2]].reshape(B, T, C)
 
     def hidden(self, tokens, mask):
         """The last block's output for every token: (B, T, C), T <= 3K, the first T tokens of the
