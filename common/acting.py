@@ -54,4 +54,5 @@ class WindowPolicy:
         """The window holds returns-to-go, not rewards: nothing to add."""
 
     def describe(self):
-        return f"target {self.target:g}"
+        # BC and IQL are handed the target too (the same window), but their models never read it.
+        return f"target {self.target:g}" if self.model.cfg.kind == "dt" else "the state alone"
