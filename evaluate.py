@@ -21,7 +21,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common.checkpoint import RunError, load_checkpoint
+from common.checkpoint import MODEL_KINDS, RunError, load_checkpoint
 from common.device import evaluates_in_bf16, resolve_device
 from common.rollout import rollout
 from common.tasks import task_from_checkpoint
@@ -94,7 +94,7 @@ def main(argv=None):
     # In the training's precision where that pays; checkpoints from before it was recorded, in fp32.
     # A plan is searched in fp32: its beams are ranked by sums of predicted rewards and values.
     bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device) and not planning
-    conditioned = model.cfg.kind == "dt"  # BC and IQL act on the state alone, Reinformer on its own R̂, TT plans
+    conditioned = MODEL_KINDS[model.cfg.kind].conditioned
     if not conditioned and len(targets) > 1:
         print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",
               file=sys.stderr)

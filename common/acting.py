@@ -1,8 +1,8 @@
 """
 How a model acts in a rollout (rollout.py): a policy object per group of episodes, made by the
 model kind's entry in checkpoint.MODEL_KINDS as policy(model, norm, target, episodes, device,
-compile=, bf16=, planning=), then asked every step act(states, returns so far, t) -> actions, told
-observe(rewards) after it. The DT's is below: BC and IQL, which read only the last state, use it
+compile=, bf16=, planning=) (target None for a model that asks for none), then asked every step
+act(states, returns so far, t) -> actions, told observe(rewards) after it. The DT's is below: BC and IQL, which read only the last state, use it
 too; Reinformer's (methods/reinformer.py) predicts its own target, the TT's (methods/plan.py) plans.
 """
 import torch
@@ -12,7 +12,7 @@ class WindowPolicy:
     """How the DT (and BC and IQL, which read only the last state) act: each episode's last K
     steps, shifted one step left every step and left-padded (mask False) until K steps have
     passed, so the policy is called with the same shapes every time; the return-to-go counts down
-    from the target."""
+    from the target (with no target, for BC and IQL, it stays zero: their models never read it)."""
 
     def __init__(self, model, norm, target, episodes, device, *, compile=False, bf16=False, planning=None):
         self.norm, self.target, self.device = norm, target, device
@@ -29,7 +29,8 @@ class WindowPolicy:
     def act(self, states, returns, t):
         """(E, S) normalized states, each episode's return so far, the step -> (E, A) actions."""
         window = self.advance(states, t)
-        self.rtg[:, -1, 0] = torch.as_tensor(self.norm.return_to_go(self.target, returns), dtype=torch.float32)
+        if self.target is not None:
+            self.rtg[:, -1, 0] = torch.as_tensor(self.norm.return_to_go(self.target, returns), dtype=torch.float32)
         with self.amp:
             action = self.policy(*window).float()
         self.actions[:, -1] = action
@@ -54,5 +55,4 @@ class WindowPolicy:
         """The window holds returns-to-go, not rewards: nothing to add."""
 
     def describe(self):
-        # BC and IQL are handed the target too (the same window), but their models never read it.
-        return f"target {self.target:g}" if self.model.cfg.kind == "dt" else "the state alone"
+        return "the state alone" if self.target is None else f"target {self.target:g}"

@@ -33,17 +33,19 @@ CHECKPOINT_KEYS = ("model", "model_config", "state_mean", "state_std", "reward_s
 
 
 class Kind(NamedTuple):
-    config: type   # its config dataclass
-    model: type    # its nn.Module
-    policy: type   # how it acts in a rollout (acting.py)
+    config: type       # its config dataclass
+    model: type        # its nn.Module
+    policy: type       # how it acts in a rollout (acting.py)
+    conditioned: bool  # whether it acts on a target return it is asked for (only the DT does)
 
 
-# Every model a checkpoint can hold, by the `kind` its config records.
-MODEL_KINDS = {"dt": Kind(DTConfig, DecisionTransformer, WindowPolicy),
-               "bc": Kind(DTConfig, BehaviourCloning, WindowPolicy),
-               "iql": Kind(DTConfig, IQL, WindowPolicy),
-               "reinformer": Kind(DTConfig, Reinformer, MaxReturnPolicy),
-               "tt": Kind(TTConfig, TrajectoryTransformer, planning_policy)}
+# Every model a checkpoint can hold, by the `kind` its config records. BC and IQL act on the state
+# alone, Reinformer on the return it predicts itself, the TT on its plans.
+MODEL_KINDS = {"dt": Kind(DTConfig, DecisionTransformer, WindowPolicy, True),
+               "bc": Kind(DTConfig, BehaviourCloning, WindowPolicy, False),
+               "iql": Kind(DTConfig, IQL, WindowPolicy, False),
+               "reinformer": Kind(DTConfig, Reinformer, MaxReturnPolicy, False),
+               "tt": Kind(TTConfig, TrajectoryTransformer, planning_policy, False)}
 
 
 def build_model(config):

@@ -29,7 +29,7 @@ class Episodes(NamedTuple):
 def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder=None, compile=False,
             env_workers=1, record=None, planning=None, bf16=False):
     """Run `episodes` episodes in parallel (episode i reset with seed + i), asking for `target`
-    (a model that does not condition on a return ignores it) -> Episodes: their undiscounted
+    (a model that does not condition on a return is not handed it) -> Episodes: their undiscounted
     returns and their lengths in steps (a maze reached or a body fallen ends an episode early).
     `norm` is the data.Normalization the model
     was trained with. A video.Recorder, if given, gets every frame of episode 0. `compile` runs
@@ -49,6 +49,7 @@ def rollout(model, norm, task, target, episodes, seed=0, progress=True, recorder
     # One policy per part of the episodes (vecenv.py: two when workers step them), each with its
     # own windows or plans.
     kind = MODEL_KINDS[model.cfg.kind]
+    target = target if kind.conditioned else None
     policies = [kind.policy(model, norm, target, hi - lo, device, compile=compile, bf16=bf16, planning=planning or {})
                 for lo, hi in envs.parts]
     returns, lengths = np.zeros(episodes), np.zeros(episodes, np.int64)

@@ -86,7 +86,7 @@ def test_iql_trains_evaluates_and_counts_an_epoch_in_transitions(tmp_path, capsy
     captured = capsys.readouterr()
     results = [json.loads(line) for line in captured.out.splitlines()]
     assert len(results) == 1 and results[0]["model"] == "iql" and "evaluating once" in captured.err
-    assert results[0]["policy"] == "the state alone"  # handed a target, never reading it
+    assert results[0]["policy"] == "the state alone"  # asked for a target, never handed it
     assert_usage_error(run_cli("train.py", "--data", str(data), "--expectile", "0.9"), "for --model reinformer or iql only")
     if importlib.util.find_spec("matplotlib"):  # V(s_t) along the data's episodes, as the README draws it
         png = tmp_path / "values.png"
