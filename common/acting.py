@@ -2,8 +2,9 @@
 How a model acts in a rollout (rollout.py): a policy object per group of episodes, made by the
 model kind's entry in checkpoint.MODEL_KINDS as policy(model, norm, target, episodes, device,
 compile=, bf16=, planning=) (target None for a model that asks for none), then asked every step
-act(states, returns so far, t) -> actions, told observe(rewards) after it. The DT's is below: BC and IQL, which read only the last state, use it
-too; Reinformer's (methods/reinformer.py) predicts its own target, the TT's (methods/plan.py) plans.
+act(states, returns so far, t) -> actions, told observe(rewards) after it. The DT's is below: BC
+and IQL, which read only the last state, use it too; Reinformer's (methods/reinformer.py)
+predicts its own target, the TT's (methods/plan.py) plans.
 """
 import torch
 
