@@ -125,9 +125,9 @@ def plan():
     stitchers += [(f"{body}-reinformer-{mode}-s{seed}", body, "reinformer", mode, seed) for seed in (0, 1, 2)
                   for body in STUDIES["medium-expert"] for mode in ("dense", "delayed")
                   if not (mode == "delayed" and seed == 2)]
-    # QDT on the U-maze and the medium maze, each run after the IQL whose V it is relabelled with.
+    # QDT on the three mazes, each run after the IQL whose V it is relabelled with.
     for seed in (0, 1, 2):
-        for maze in ("maze2d-umaze", "maze2d-medium"):
+        for maze in STUDIES["maze2d"]:
             stitchers += [(f"{maze}-iql-100k-s{seed}", maze, "iql-100k", "dense", seed),
                           (f"{maze}-qdt-s{seed}", maze, "qdt", "dense", seed)]
     return budget_checks + runs + mazes + planners + stitchers
