@@ -86,7 +86,6 @@ def main(argv=None):
     if task.ref_returns is None:
         raise RunError(f"no reference returns to normalize {task.env_id!r} scores with (D4RL's bodies "
                        f"and maze files that carry ref_min_score / ref_max_score have them)")
-    targets = args.target or [task.default_target]
     planning = model.cfg.kind == "tt"
     if not planning and (args.beam_width or args.horizon):
         raise RunError(f"{args.checkpoint}: --beam-width and --horizon are for a TT checkpoint; this is "
@@ -95,10 +94,16 @@ def main(argv=None):
     # A plan is searched in fp32: its beams are ranked by sums of predicted rewards and values.
     bf16 = evaluates_in_bf16(ckpt.get("bf16", False), device) and not planning
     conditioned = MODEL_KINDS[model.cfg.kind].conditioned
-    if not conditioned and len(targets) > 1:
-        print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: evaluating once",
-              file=sys.stderr)
-        targets = targets[:1]
+    if conditioned:
+        targets = args.target or [task.default_target]
+    else:  # it acts on the state (and its history) alone: there is no return to ask for, nor to record
+        if args.plot:
+            raise RunError(f"--plot draws the return achieved against the return asked for; a "
+                           f"{model.cfg.kind.upper()} checkpoint is asked for none")
+        if args.target:
+            print(f"a {model.cfg.kind.upper()} checkpoint does not condition on a return: --target ignored",
+                  file=sys.stderr)
+        targets = [None]
     out = sys.stderr if args.json else sys.stdout  # with --json, stdout holds only the JSON lines
     results = []
     for target in targets:

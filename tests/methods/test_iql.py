@@ -12,6 +12,7 @@ import train
 from data import load_trajectories
 from methods import iql
 from model import DTConfig
+from common.checkpoint import RunError
 from study import plot
 from tests.helpers import A, S, assert_usage_error, run_cli, write_d4rl
 
@@ -85,10 +86,12 @@ def test_iql_trains_evaluates_and_counts_an_epoch_in_transitions(tmp_path, capsy
     evaluate.main([str(out), "--target", "0", "12000", "--episodes", "2", "--json"])
     captured = capsys.readouterr()
     results = [json.loads(line) for line in captured.out.splitlines()]
-    assert len(results) == 1 and results[0]["model"] == "iql" and "evaluating once" in captured.err
-    assert results[0]["policy"] == "the state alone"  # asked for a target, never handed it
+    assert len(results) == 1 and results[0]["model"] == "iql" and "--target ignored" in captured.err
+    assert results[0]["policy"] == "the state alone" and results[0]["target"] is None  # never handed one
     assert_usage_error(run_cli("train.py", "--data", str(data), "--expectile", "0.9"), "for --model reinformer or iql only")
     if importlib.util.find_spec("matplotlib"):  # V(s_t) along the data's episodes, as the README draws it
+        with pytest.raises(RunError, match="asked for none"):  # but no sweep plot: it needs targets
+            evaluate.main([str(out), "--plot", str(tmp_path / "sweep.png")])
         png = tmp_path / "values.png"
         plot.main(["--values", str(out), "--data", str(data), "--out", str(png)])
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
