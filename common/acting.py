@@ -9,6 +9,12 @@ predicts its own target, the TT's (methods/plan.py) plans.
 import torch
 
 
+def compiled(forward, device):
+    """torch.compile of one step's forward: its shapes never change (the window is fixed, padding
+    is masked), so it is captured once and, on CUDA, replayed as a CUDA graph every step."""
+    return torch.compile(forward, mode="reduce-overhead" if device.type == "cuda" else None)
+
+
 class WindowPolicy:
     """How the DT (and BC and IQL, which read only the last state) act: each episode's last K
     steps, shifted one step left every step and left-padded (mask False) until K steps have
@@ -18,9 +24,8 @@ class WindowPolicy:
     def __init__(self, model, norm, target, episodes, device, *, compile=False, bf16=False, planning=None):
         self.norm, self.target, self.device = norm, target, device
         self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-        self.model, self.policy = model, model.get_action
-        if compile:
-            self.policy = torch.compile(self.policy, mode="reduce-overhead" if device.type == "cuda" else None)
+        self.model = model
+        self.policy = compiled(model.get_action, device) if compile else model.get_action
         K, S, A = model.cfg.context_len, model.cfg.state_dim, model.cfg.act_dim
         self.states = torch.zeros(episodes, K, S, device=device)
         self.actions = torch.zeros(episodes, K, A, device=device)  # zeros: the not-yet-taken action

@@ -168,7 +168,7 @@ class Planner:
         self.states = self.disc.encode(states, slice(0, self.model.cfg.state_dim))
         prefix = torch.cat((self.history, self.states), dim=1)
         # The best plan: its first action is taken, and what it expects, (E, H + 1) predicted rewards
-        # and final value, is kept (docs/tt_falls.py reads it).
+        # and final value, is kept (study/tt_falls.py reads it).
         self.actions, self.expected = plan(self.model, self.disc, prefix, self.settings, self.generator)
         S, A = self.model.cfg.state_dim, self.model.cfg.act_dim
         return self.disc.decode(self.actions, slice(S, S + A))

@@ -25,7 +25,7 @@ about the return token alone).
 import torch
 import torch.nn as nn
 
-from common.acting import WindowPolicy
+from common.acting import WindowPolicy, compiled
 from model import DecisionTransformer, action_loss, padded_causal_mask
 
 EXPECTILE = 0.99    # the paper's: R̂ near the top of the returns the data reaches from a state
@@ -113,11 +113,15 @@ class MaxReturnPolicy(WindowPolicy):
     """How Reinformer acts: no target; every step it predicts the return R̂ from the new state,
     writes it where the DT would have the return-to-go, and takes the action read off it."""
 
+    def __init__(self, model, norm, target, episodes, device, *, compile=False, **settings):
+        super().__init__(model, norm, target, episodes, device, compile=compile, **settings)
+        self.predict_return = compiled(model.get_return, device) if compile else model.get_return
+
     def act(self, states, returns, t):
         window = self.advance(states, t)
         with self.amp:
-            self.rtg[:, -1, 0] = self.model.get_return(*window).float()
-            action = self.model.get_action(*window).float()
+            self.rtg[:, -1, 0] = self.predict_return(*window).float()
+            action = self.policy(*window).float()
         self.actions[:, -1] = action
         return action
 

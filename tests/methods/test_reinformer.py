@@ -80,6 +80,16 @@ def test_the_policy_writes_its_predicted_return_where_the_dt_has_the_target():
     assert policy.describe() == "max return, predicted"
 
 
+def test_a_compiled_policy_compiles_both_of_its_forwards(monkeypatch):
+    """--compile (the default on CUDA) captures the return's forward as well as the action's: each
+    step runs both, and an eager one would leave half the step to kernel launches."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None: seen.append(fn.__name__) or fn)
+    reinformer.MaxReturnPolicy(tiny_reinformer(), Normalization(torch.zeros(S), torch.ones(S), 1000.0), None, 2,
+                               torch.device("cpu"), compile=True)
+    assert sorted(seen) == ["get_action", "get_return"]
+
+
 def test_reinformer_trains_and_evaluates_with_no_target(tmp_path, capsys):
     data = write_d4rl(tmp_path / "halfcheetah-m.hdf5", [60] * 4)
     out = tmp_path / "r.pt"
