@@ -9,10 +9,10 @@ import torch
 
 import evaluate
 import train
+from common.checkpoint import RunError
 from data import load_trajectories
 from methods import iql
 from model import DTConfig
-from common.checkpoint import RunError
 from study import plot
 from tests.helpers import A, S, assert_usage_error, run_cli, write_d4rl
 
